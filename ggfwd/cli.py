@@ -1,0 +1,65 @@
+"""The `ggfwd` command line (typer). Each command lives with its domain; this file only wires them up and
+turns a UserError into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="ggfwd",
+    help="Forward-only (backpropagation-free) LoRA fine-tuning of LLMs through llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from .commands import eval_command
+
+    app.command("eval", help="Score a model (and optional adapter) on a dataset: accuracy, loss, tokens/s.")(eval_command)
+    try:
+        from .train_cli import train_command, plot_command
+    except ImportError:
+        pass
+    else:
+        app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
+                                  "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
+        app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
+    try:
+        from .convert.commands import convert_command, export_command
+    except ImportError:
+        pass
+    else:
+        app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "
+                                    "plus a separate F32 LoRA adapter.")(convert_command)
+        app.command("export", help="Export a trained adapter to PEFT (safetensors) or a llama.cpp GGUF.")(export_command)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,71 @@
+"""`ggfwd eval`: accuracy, loss and throughput of a model (and optional adapter) on a data set."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .adapter import LoraAdapter
+from .errors import UserError
+from .progress import progress_bar
+from .session import Session
+from .tasks import load_examples, load_task, tokenize_examples
+
+err = Console(stderr=True)
+
+
+def eval_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="LoRA adapter GGUF to apply."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE-style TSV (default: SST-2 dev)."),
+    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, generation) or a task file."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N examples."),
+    max_tokens: int = typer.Option(256, help="Longest example in tokens; longer texts are cut from the left."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per llama_decode."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+):
+    from .demo import demo_model, sst2_dir
+
+    the_task = load_task(task)
+    data = data or sst2_dir() / "dev.tsv"
+    examples = load_examples(data, the_task, limit)
+    lora = LoraAdapter.load(adapter) if adapter else None
+    session = Session(model or demo_model(), n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens,
+                      batch_tokens=max(1024, max_tokens), verbose=verbose)
+    tokenized = tokenize_examples(examples, the_task, session.tokenize, session.detokenize, max_tokens)
+    if lora is not None:
+        session.set_adapter(lora)
+    plan = session.plan(tokenized)
+    start = time.perf_counter()
+    with progress_bar(err, disable=as_json) as bar:
+        job = bar.add_task("scoring", total=len(tokenized))
+        scores = session.score(plan, on_chunk=lambda c: bar.advance(job, c.count))
+    seconds = time.perf_counter() - start
+    result = {
+        "model": str(session.base.path), "adapter": str(adapter) if adapter else None, "data": str(data),
+        "task": the_task.name, "examples": len(tokenized), "truncated": tokenized.n_truncated,
+        "accuracy": scores.accuracy, "loss": scores.loss, "tokens": scores.n_tokens,
+        "seconds": seconds, "tokens_per_second": scores.n_tokens / seconds,
+    }
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"ggfwd eval: {Path(result['model']).name} on {Path(str(data)).name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if scores.accuracy is not None:
+        table.add_row("accuracy", f"{scores.accuracy:.2%}")
+    table.add_row("mean loss", f"{scores.loss:.4f}")
+    table.add_row("examples", f"{len(tokenized)}" + (f" ({tokenized.n_truncated} truncated)" if tokenized.n_truncated else ""))
+    table.add_row("tokens", f"{scores.n_tokens}")
+    table.add_row("tokens/s", f"{result['tokens_per_second']:.0f}")
+    table.add_row("seconds", f"{seconds:.2f}")
+    Console().print(table)
