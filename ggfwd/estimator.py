@@ -1,0 +1,172 @@
+"""Zeroth-order gradient estimates from loss differences on one fixed batch layout.
+
+For each direction z_k of a step (regenerated from seeds, see `perturbation`), the estimator scores the
+same plan at `theta + eps z_k` and `theta - eps z_k` (central differences; or at `theta + eps z_k` against one
+shared `L(theta)`, forward differences) and keeps one scalar per direction:
+
+    central: s_k = (L(theta + eps z_k) - L(theta - eps z_k)) / (2 eps)
+    forward: s_k = (L(theta + eps z_k) - L(theta)) / eps
+
+The scalars are the only per-direction output: with the seeds they are the whole estimate, which
+`rebuild` turns back into `g = mean_k s_k z_k` over the masked coordinates (so a federated client can send
+seeds and scalars, and a server can replay them).
+
+Option `normalize="std"` (after FZOO) divides the differences by the standard deviation of the step's
+perturbed losses instead of by eps, making s_k dimensionless; with one central direction it reduces to the
+sign of the difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+from .perturbation import Perturbations
+
+SCHEMES = ("central", "forward")
+NORMALIZE = ("none", "std")
+
+
+@dataclass
+class StepEstimate:
+    """What one step's perturbed evaluations produced: the scalars (the estimate, with the seeds) and
+    bookkeeping."""
+
+    step: int
+    client: int
+    scalars: np.ndarray  # float64, one per direction
+    loss: float  # estimate of L(theta) on the batch: mean of the +/- losses, or L(theta) itself
+    losses_plus: np.ndarray
+    losses_minus: np.ndarray | None  # central only
+    loss_zero: float | None  # forward only
+    accuracy: float | None  # batch accuracy at theta (forward) or mean over the perturbed passes
+    forward_passes: int
+    tokens: int
+    finite: bool = field(default=True)
+
+
+def check_settings(eps: float, directions: int, scheme: str = "central", normalize: str = "none") -> None:
+    if not (eps > 0 and np.isfinite(eps)):
+        raise UserError(f"eps must be a positive number, got {eps}")
+    if directions < 1:
+        raise UserError(f"directions per step must be >= 1, got {directions}")
+    if scheme not in SCHEMES:
+        raise UserError(f"difference scheme must be one of {', '.join(SCHEMES)}, got '{scheme}'")
+    if normalize not in NORMALIZE:
+        raise UserError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{normalize}'")
+
+
+class Estimator:
+    """Scores perturbed adapters through a Session and returns the per-direction scalars.
+
+    Buffers for theta +- eps z and for z are allocated once; the hot path does no file I/O, no tokenizing
+    and no Python loop over tensor elements.
+    """
+
+    def __init__(self, session, perturbations: Perturbations, eps: float, directions: int = 1,
+                 scheme: str = "central", normalize: str = "none"):
+        check_settings(eps, directions, scheme, normalize)
+        self.session, self.perturbations = session, perturbations
+        self.eps, self.directions, self.scheme, self.normalize = float(eps), int(directions), scheme, normalize
+        n = perturbations.n
+        self._z = np.empty((self.directions, n), dtype=np.float32)
+        self._work = np.empty(perturbations.size, dtype=np.float32)
+        self._base = np.empty(n, dtype=np.float32)
+        self._g = np.empty(n, dtype=np.float32)
+
+    def _score(self, theta: np.ndarray, index: np.ndarray, delta: np.ndarray | None, plan):
+        work = self._work
+        work[...] = theta
+        if delta is not None:
+            work[index] += delta
+        self.session.set_params(work)
+        return self.session.score(plan)
+
+    def estimate(self, theta: np.ndarray, plan, step: int, client: int = 0) -> StepEstimate:
+        """Evaluate the step's directions around `theta` (full flat vector) on `plan`."""
+        p = self.perturbations
+        idx, eps = p.index, self.eps
+        plus = np.zeros(self.directions)
+        minus = np.zeros(self.directions) if self.scheme == "central" else None
+        loss_zero, accs, passes, tokens = None, [], 0, 0
+        if self.scheme == "forward":
+            s = self._score(theta, idx, None, plan)
+            loss_zero, passes, tokens = s.loss, 1, s.n_tokens
+            accs.append(s.accuracy)
+        for k in range(self.directions):
+            z = p.masked(step, client, k, out=self._z[k])
+            s = self._score(theta, idx, eps * z, plan)
+            plus[k] = s.loss
+            passes, tokens = passes + 1, tokens + s.n_tokens
+            if self.scheme == "central":
+                accs.append(s.accuracy)
+                s = self._score(theta, idx, -eps * z, plan)
+                minus[k] = s.loss
+                passes, tokens = passes + 1, tokens + s.n_tokens
+                accs.append(s.accuracy)
+        self.session.set_params(theta)  # leave the session at theta
+        losses = plus if minus is None else np.concatenate([plus, minus])
+        finite = bool(np.all(np.isfinite(losses)) and (loss_zero is None or np.isfinite(loss_zero)))
+        if self.scheme == "central":
+            diff, denom = plus - minus, 2 * eps
+            loss = float(np.mean(losses))
+        else:
+            diff, denom = plus - loss_zero, eps
+            loss = float(loss_zero)
+        if self.normalize == "std" and finite:
+            spread = float(np.std(losses if loss_zero is None else np.append(plus, loss_zero)))
+            denom = (2 * spread if self.scheme == "central" else spread) if spread > 0 else np.inf
+        with np.errstate(invalid="ignore", over="ignore"):
+            scalars = diff / denom
+        acc = [a for a in accs if a is not None]
+        self._last = (step, client)
+        return StepEstimate(step, client, scalars, loss, plus, minus, loss_zero,
+                            float(np.mean(acc)) if acc else None, passes, tokens,
+                            finite and bool(np.all(np.isfinite(scalars))))
+
+    def gradient(self, est: StepEstimate) -> np.ndarray:
+        """The masked estimate of `est` in a reused buffer. Uses the directions still in memory when `est`
+        is the last estimate made; bitwise equal to `rebuild(perturbations, step, client, scalars)`."""
+        if getattr(self, "_last", None) != (est.step, est.client):
+            return rebuild(self.perturbations, est.step, est.client, est.scalars, out=self._g)
+        return _combine(self._z, est.scalars, self._g)
+
+
+def _combine(zs, scalars, out: np.ndarray) -> np.ndarray:
+    out[...] = 0
+    for z, s in zip(zs, scalars):
+        out += np.float32(s / len(scalars)) * z
+    return out
+
+
+def rebuild(perturbations: Perturbations, step: int, client: int, scalars, out: np.ndarray | None = None,
+            z: np.ndarray | None = None) -> np.ndarray:
+    """The masked estimate `mean_k s_k z_k` of one (step, client) from its seeds and scalars alone,
+    float32 of length `perturbations.n`."""
+    scalars = np.asarray(scalars, dtype=np.float64)
+    if out is None:
+        out = np.empty(perturbations.n, dtype=np.float32)
+    if z is None:
+        z = np.empty(perturbations.n, dtype=np.float32)
+    out[...] = 0
+    for k, s in enumerate(scalars):
+        perturbations.masked(step, client, k, out=z)
+        out += np.float32(s / len(scalars)) * z
+    return out
+
+
+def aggregate(perturbations: Perturbations, step: int, reports: list[tuple[int, np.ndarray]],
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Average the estimates of several clients for one step, from (client, scalars) pairs."""
+    if not reports:
+        raise ValueError("no reports to aggregate")
+    total = np.zeros(perturbations.n, dtype=np.float32) if out is None else out
+    total[...] = 0
+    part = np.empty(perturbations.n, dtype=np.float32)
+    z = np.empty(perturbations.n, dtype=np.float32)
+    for client, scalars in reports:
+        total += rebuild(perturbations, step, client, scalars, out=part, z=z)
+    total /= len(reports)
+    return total

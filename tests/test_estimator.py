@@ -1,0 +1,161 @@
+"""Estimator and optimizer on the real engine (tiny llama GGUF written in the test)."""
+
+import numpy as np
+import pytest
+
+from ggfwd.adapter import LoraAdapter
+from ggfwd.errors import UserError
+from ggfwd.estimator import Estimator, aggregate, rebuild
+from ggfwd.optimizer import Optimizer, lr_at
+from ggfwd.perturbation import Perturbations
+from ggfwd.session import Session
+from ggfwd.tasks import load_examples, load_task, tokenize_examples
+from tinymodel import forward, make_weights
+from tinytask import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    paths = make_tiny(tmp_path_factory.mktemp("tiny"), n_train=8)
+    session = Session(paths["model"], n_threads=1, max_seqs=8, seq_tokens=64, batch_tokens=512, kv_f32=True)
+    task = load_task(str(paths["task"]))
+    data = tokenize_examples(load_examples(paths["train"], task), task, session.tokenize, session.detokenize, 64)
+    adapter = LoraAdapter.create(session.base, rank=4, alpha=8.0, seed=1)
+    adapter.b["blk.0.attn_v.weight"][...] = 0.05  # away from B = 0, so A directions matter too
+    session.set_adapter(adapter)
+    yield session, data, adapter
+    session.close()
+
+
+def reference_loss(adapter, data, params):
+    """Mean verbalizer cross-entropy from the independent numpy forward pass (float64)."""
+    ad = adapter.with_params(params)
+    lora = {n: (ad.a[n], ad.b[n]) for n in ad.targets}
+    w = make_weights(0)
+    out = []
+    for ex in data.examples:
+        z = forward(w, ex.tokens, lora, ad.scale)[ex.positions[0], data.classes]
+        out.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ex.targets[0]])
+    return float(np.mean(out))
+
+
+def test_central_scalars_match_independent_reference(tiny):
+    session, data, adapter = tiny
+    p = Perturbations(adapter, seed=3, part="all")
+    est = Estimator(session, p, eps=0.1, directions=3)
+    plan = session.plan(data)
+    theta = adapter.params.copy()
+    e = est.estimate(theta, plan, step=4)
+    assert e.forward_passes == 6 and e.finite
+    for k, s in enumerate(e.scalars):
+        z = p.direction(4, 0, k)
+        ref = (reference_loss(adapter, data, theta + 0.1 * z) - reference_loss(adapter, data, theta - 0.1 * z)) / 0.2
+        assert s == pytest.approx(ref, rel=0.02, abs=1e-3)
+    assert np.any(np.abs(e.scalars) > 1e-2)  # the check above is not vacuous
+
+
+def test_estimates_are_reproducible_and_rebuilt_from_seeds(tiny):
+    session, data, adapter = tiny
+    p = Perturbations(adapter, seed=5)
+    est = Estimator(session, p, eps=0.1, directions=2)
+    plan = session.plan(data)
+    theta = adapter.params.copy()
+    e1 = est.estimate(theta, plan, step=1)
+    g1 = est.gradient(e1).copy()
+    e2 = est.estimate(theta, plan, step=1)
+    assert np.array_equal(e1.scalars, e2.scalars)
+    # rebuilt elsewhere from (seed, step, client) and the scalars alone
+    g = rebuild(Perturbations(adapter.copy(), seed=5), 1, 0, e1.scalars)
+    assert np.array_equal(g, g1)
+    want = (e1.scalars[0] * p.masked(1, 0, 0) + e1.scalars[1] * p.masked(1, 0, 1)) / 2
+    assert np.allclose(g, want, rtol=1e-5, atol=1e-7)
+    # the session is left at theta
+    assert session.score(plan).loss == est.session.score(plan).loss
+    base = Estimator(session, p, eps=0.1, directions=1)
+    e0 = base.estimate(theta, plan, step=1)
+    assert e0.scalars[0] == e1.scalars[0]
+
+
+def test_forward_scheme_and_std_normalisation(tiny):
+    session, data, adapter = tiny
+    p = Perturbations(adapter, seed=5)
+    plan = session.plan(data)
+    theta = adapter.params.copy()
+    central = Estimator(session, p, eps=0.1, directions=2).estimate(theta, plan, 2)
+    fwd = Estimator(session, p, eps=0.1, directions=2, scheme="forward").estimate(theta, plan, 2)
+    assert fwd.forward_passes == 3 and central.forward_passes == 4
+    session.set_params(theta)
+    assert fwd.loss_zero == session.score(plan).loss
+    assert np.allclose(fwd.scalars, (fwd.losses_plus - fwd.loss_zero) / 0.1)
+    assert np.array_equal(fwd.losses_plus, central.losses_plus)
+    norm = Estimator(session, p, eps=0.1, directions=2, normalize="std").estimate(theta, plan, 2)
+    spread = np.std(np.concatenate([norm.losses_plus, norm.losses_minus]))
+    assert np.allclose(norm.scalars, (norm.losses_plus - norm.losses_minus) / (2 * spread))
+
+
+def test_aggregate_is_mean_of_client_estimates(tiny):
+    _, _, adapter = tiny
+    p = Perturbations(adapter, seed=2)
+    reports = [(0, np.array([0.5, -1.0])), (3, np.array([2.0]))]
+    g = aggregate(p, 7, reports)
+    want = (rebuild(p, 7, 0, reports[0][1]) + rebuild(p, 7, 3, reports[1][1])) / 2
+    assert np.allclose(g, want, rtol=1e-6)
+
+
+def test_non_finite_losses_are_flagged(tiny):
+    session, data, adapter = tiny
+    est = Estimator(session, Perturbations(adapter, seed=0), eps=1e38)  # theta + eps z overflows float32: inf weights, NaN logits
+    e = est.estimate(adapter.params.copy(), session.plan(data), 0)
+    assert not e.finite
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=0), dict(eps=-1), dict(eps=float("nan")), dict(directions=0),
+                                    dict(scheme="x"), dict(normalize="x")])
+def test_bad_estimator_settings(tiny, kwargs):
+    session, _, adapter = tiny
+    args = dict(eps=0.1, directions=1) | kwargs
+    with pytest.raises(UserError):
+        Estimator(session, Perturbations(adapter, 0), **args)
+
+
+# ---------------------------------------------------------------- optimizer
+
+def test_schedules():
+    assert lr_at(0, 1.0, "constant", warmup=4) == 0.25 and lr_at(3, 1.0, "constant", warmup=4) == 1.0
+    assert lr_at(10, 1.0, "cosine", 0, 10) == pytest.approx(0.0)
+    assert lr_at(5, 1.0, "cosine", 0, 10) == pytest.approx(0.5)
+    assert lr_at(5, 1.0, "linear", 0, 10) == pytest.approx(0.5)
+    assert lr_at(20, 1.0, "linear", 0, 10, final_fraction=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizers_minimise_a_noisy_quadratic_and_state_round_trips(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=50).astype(np.float32)
+    opt = Optimizer(50, kind, lr=0.05 if kind == "adam" else 0.02, schedule="cosine", total_steps=400)
+    x = np.zeros(50, np.float32)
+    for t in range(400):
+        g = (x - target) + rng.normal(scale=0.3, size=50).astype(np.float32)
+        x = opt.step(x, g, t)
+        opt.commit()
+    assert np.linalg.norm(x - target) < 0.1 * np.linalg.norm(target)
+    np.savez(tmp_path / "s.npz", **opt.state_dict())
+    again = Optimizer(50, kind, lr=0.05 if kind == "adam" else 0.02, schedule="cosine", total_steps=400)
+    with np.load(tmp_path / "s.npz") as z:
+        again.load_state_dict({k: z[k] for k in z.files})
+    g = rng.normal(size=50).astype(np.float32)
+    assert np.array_equal(opt.step(x, g, 7), again.step(x, g, 7))
+
+
+def test_rejected_step_leaves_optimizer_state_alone():
+    opt = Optimizer(3, "adam", lr=0.1)
+    x = np.ones(3, np.float32)
+    opt.step(x, np.array([np.nan, 1, 1], np.float32), 0)  # not committed
+    assert opt.t == 0 and np.all(opt.m == 0) and np.all(opt.v == 0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="lion"), dict(lr=0), dict(schedule="step"), dict(warmup=-1),
+                                    dict(momentum=1.0), dict(weight_decay=-1)])
+def test_bad_optimizer_settings(kwargs):
+    with pytest.raises(UserError):
+        Optimizer(3, **kwargs)
