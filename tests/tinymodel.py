@@ -23,7 +23,9 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
         scores.append(0.0)
         types.append(6)
     pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list(":.,!?\n")
-    pieces += ["\u2581" + w for w in WORDS] + ["Review", "Sentiment", "\u2581or", "\u2581(great", "terrible):"]
+    words = ["\u2581" + w for w in WORDS] + ["Review", "Sentiment", "\u2581or"]
+    # SentencePiece merges adjacent pieces pairwise, so every prefix of a word must be a piece too.
+    pieces += sorted({w[:k] for w in words for k in range(2, len(w) + 1)}, key=lambda p: (len(p), p))
     for i, p in enumerate(pieces):
         tokens.append(p)
         scores.append(-float(i) if len(p) == 1 else float(len(p)))
@@ -55,8 +57,9 @@ def make_weights(seed: int = 0, d: int = 64, n_layers: int = 2, n_head: int = 4,
     return w
 
 
-def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32") -> Path:
-    """Write the weights as a llama-architecture GGUF (optionally without output.weight: tied embeddings)."""
+def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32", space_prefix: bool = True) -> Path:
+    """Write the weights as a llama-architecture GGUF (optionally without output.weight: tied embeddings;
+    `space_prefix=False` stops the tokenizer from prefixing texts with a space, so single letters are tokens)."""
     import gguf
 
     c = weights["_config"]
@@ -84,6 +87,9 @@ def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32"
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    if not space_prefix:
+        writer.add_add_space_prefix(False)
     for name, value in weights.items():
         if name.startswith("_") or (tied and name == "output.weight"):
             continue
