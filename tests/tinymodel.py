@@ -57,9 +57,8 @@ def make_weights(seed: int = 0, d: int = 64, n_layers: int = 2, n_head: int = 4,
     return w
 
 
-def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32", space_prefix: bool = True) -> Path:
-    """Write the weights as a llama-architecture GGUF (optionally without output.weight: tied embeddings;
-    `space_prefix=False` stops the tokenizer from prefixing texts with a space, so single letters are tokens)."""
+def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32") -> Path:
+    """Write the weights as a llama-architecture GGUF (optionally without output.weight: tied embeddings)."""
     import gguf
 
     c = weights["_config"]
@@ -88,8 +87,6 @@ def write_gguf(path: Path, weights: dict, tied: bool = False, dtype: str = "f32"
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
-    if not space_prefix:
-        writer.add_add_space_prefix(False)
     for name, value in weights.items():
         if name.startswith("_") or (tied and name == "output.weight"):
             continue

@@ -1,5 +1,5 @@
 """A tiny classification task for the tiny model: texts of a few words, verbalizers 'great' / 'terrible'
-(single-letter first tokens 'g' and 't' with the tiny model written with `space_prefix=False`)."""
+(first tokens 'g' and 't': the tiny model's tokenizer adds no space prefix)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def write_rows(path: Path, n: int, seed: int, labels: str = "mixed") -> Path:
 def make_tiny(folder: Path, labels: str = "mixed", n_train: int = 64, n_eval: int = 32) -> dict:
     """Model, task file, training and evaluation data in `folder`; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = write_gguf(folder / "tiny.gguf", make_weights(0), space_prefix=False)
+    model = write_gguf(folder / "tiny.gguf", make_weights(0))
     task = folder / "task.toml"
     task.write_text(TASK_TOML)
     return {"model": model, "task": task,
