@@ -18,18 +18,20 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Forward-only (backpropagation-free) LoRA fine-tuning of LLMs through llama.cpp."""
+
+
 def _register() -> None:
     from .commands import eval_command
 
     app.command("eval", help="Score a model (and optional adapter) on a dataset: accuracy, loss, tokens/s.")(eval_command)
-    try:
-        from .train_cli import train_command, plot_command
-    except ImportError:
-        pass
-    else:
-        app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
-                                  "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
-        app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
+    from .train_cli import plot_command, train_command
+
+    app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
+                              "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
+    app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
     try:
         from .convert.commands import convert_command, export_command
     except ImportError:
@@ -45,21 +47,7 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -1,0 +1,227 @@
+"""`ggfwd train` and `ggfwd plot`.
+
+`ggfwd train` with no arguments runs the demo: Gemma-3-270M Q4_K_M, a fresh rank-8 LoRA on attn_q/attn_v,
+SST-2 train sentences for training and the first 256 dev rows for evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import TextColumn
+
+from .errors import UserError
+from .progress import progress_bar
+from .trainer import TrainConfig, read_metrics, read_state
+
+err = Console(stderr=True)
+
+# Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see README "Training").
+DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
+
+# CLI option name -> TrainConfig field, for the options that shape the trajectory.
+_TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
+                  "weight_decay", "momentum", "seed", "distribution", "part", "layers", "scaling", "scheme",
+                  "normalize", "eval_every")
+
+
+def _session_settings(batch_size: int, max_tokens: int, threads: Optional[int]) -> dict:
+    return dict(n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens,
+                batch_tokens=max(1024, max_tokens), max_outputs=max(256, batch_size))
+
+
+def train_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data, JSONL or GLUE TSV (default: SST-2 train)."),
+    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name or a task file."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default with the demo: SST-2 dev)."),
+    train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
+    eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
+    directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),
+    optimizer: Optional[str] = typer.Option(None, help="adam or sgd (momentum)."),
+    schedule: Optional[str] = typer.Option(None, help="Learning-rate schedule: constant, cosine or linear."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (decoupled for adam)."),
+    momentum: Optional[float] = typer.Option(None, help="Momentum for sgd."),
+    seed: Optional[int] = typer.Option(None, help="Run seed: batches and directions derive from (seed, step)."),
+    distribution: Optional[str] = typer.Option(None, help="gaussian or rademacher directions."),
+    part: Optional[str] = typer.Option(None, help="Perturbed and trained part: b, a or all."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices or glob patterns to train."),
+    scaling: Optional[str] = typer.Option(None, help="tensor (per-tensor scaled) or unit directions."),
+    scheme: Optional[str] = typer.Option(None, help="central or forward differences."),
+    normalize: Optional[str] = typer.Option(None, help="none or std (divide differences by the loss spread)."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only at start and end)."),
+    rank: int = typer.Option(8, help="Rank of a fresh adapter."),
+    alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),
+    targets: str = typer.Option("attn_q,attn_v", help="Comma-separated weight patterns for a fresh adapter."),
+    max_tokens: int = typer.Option(128, help="Longest example in tokens."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/train-TIMESTAMP)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+):
+    from .adapter import LoraAdapter
+    from .demo import demo_model, sst2_dir
+    from .session import Session
+    from .tasks import load_examples, load_task, tokenize_examples
+    from .trainer import Trainer
+
+    given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
+    if isinstance(given.get("layers"), str):
+        given["layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(",") if x.strip()]
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUNDIR")
+        state = read_state(out)
+        config = TrainConfig.from_dict(state["config"])
+        for key, value in given.items():
+            if key != "steps" and value != getattr(config, key):
+                raise UserError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(config, key)}; "
+                                "a resumed run keeps its settings (only --steps may change)")
+        if "steps" in given:
+            config.steps = given["steps"]
+        meta = state["meta"]
+    else:
+        demo = model is None and data is None
+        sst2 = sst2_dir() if (data is None or (demo and eval_data is None)) else None
+        meta = {
+            "model": str(model or demo_model()),
+            "adapter": str(adapter) if adapter else None,
+            "data": str(data or sst2 / "train.tsv"),
+            "eval_data": str(eval_data) if eval_data else (str(sst2 / "dev.tsv") if demo else None),
+            "task": task,
+            "train_limit": train_limit or (DEMO["train_limit"] if demo else None),
+            "eval_limit": eval_limit or (DEMO["eval_limit"] if demo else None),
+            "rank": rank, "alpha": alpha, "targets": targets, "max_tokens": max_tokens,
+        }
+        defaults = {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]} if demo else {}
+        config = TrainConfig(**{**asdict(TrainConfig()), **defaults, **given})
+        config.check()
+        if meta["eval_data"] and not Path(meta["eval_data"]).is_file():
+            raise UserError(f"evaluation data file not found: {meta['eval_data']}")
+        out = out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+        if (out / "state.json").exists():
+            raise UserError(f"{out} already holds a run: use --resume to continue it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    config.check()
+
+    the_task = load_task(meta["task"])
+    train_examples = load_examples(meta["data"], the_task, meta["train_limit"])
+    eval_examples = load_examples(meta["eval_data"], the_task, meta["eval_limit"]) if meta["eval_data"] else None
+    init = LoraAdapter.load(meta["adapter"]) if meta["adapter"] else None
+    session = Session(meta["model"], verbose=verbose,
+                      **_session_settings(config.batch_size, meta["max_tokens"], threads))
+    with session:
+        tok = lambda ex: tokenize_examples(ex, the_task, session.tokenize, session.detokenize, meta["max_tokens"])
+        train_data = tok(train_examples)
+        eval_data_t = tok(eval_examples) if eval_examples else None
+        if init is None:
+            init = LoraAdapter.create(session.base, [t.strip() for t in meta["targets"].split(",") if t.strip()],
+                                      rank=meta["rank"], alpha=meta["alpha"], seed=config.seed)
+        trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, meta=meta)
+        if resume:
+            trainer.resume()
+        _run_live(trainer, out)
+
+
+def _run_live(trainer, out: Path) -> None:
+    c, k = trainer.config, trainer.counters
+    info = TextColumn("{task.fields[info]}")
+    state = {"loss": None, "acc": None, "acc0": None}
+    for r in _previous_metrics(out):
+        _note(state, r)
+    err.print(f"[bold]ggfwd train[/] -> {out}  ({len(trainer.train_data)} training examples, "
+              f"{trainer.perturbations.n} trained values, {c.directions} direction(s) x 2 passes per step)")
+    with progress_bar(err, False, info) as bar:
+        job = bar.add_task("training", total=c.steps, completed=k.step, info="")
+
+        def on_step(r):
+            _note(state, r)
+            tps = k.tokens / k.seconds if k.seconds else 0.0
+            acc = "" if state["acc"] is None else f"  eval acc {state['acc']:.1%}"
+            if state["acc0"] is not None and state["acc"] is not None:
+                acc += f" (start {state['acc0']:.1%})"
+            loss = "" if state["loss"] is None else f"loss {state['loss']:.4f}"
+            bar.update(job, completed=k.step, info=f"{loss}{acc}  {tps:.0f} tok/s")
+            if r.get("rejected"):
+                err.print(f"step {r['step']}: rejected ({r['rejected']}), adapter unchanged")
+
+        trainer.run(on_step=on_step)
+    err.print(f"done: {k.applied} updates ({k.rejected} rejected), {k.forward_passes} forward passes, "
+              f"{k.tokens} tokens, {k.seconds:.0f} s training + {k.eval_seconds:.0f} s evaluation")
+    if state["acc"] is not None:
+        err.print(f"eval accuracy {state['acc0']:.1%} at start -> {state['acc']:.1%}")
+    err.print(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}   plot: ggfwd plot {out}")
+
+
+def _note(state: dict, r: dict) -> None:
+    if "loss" in r and not r.get("rejected"):
+        state["loss"] = r["loss"] if state["loss"] is None else 0.9 * state["loss"] + 0.1 * r["loss"]
+    if "eval_accuracy" in r:
+        state["acc"] = r["eval_accuracy"]
+        if r["step"] == 0:
+            state["acc0"] = r["eval_accuracy"]
+
+
+def _previous_metrics(out: Path) -> list[dict]:
+    try:
+        return read_metrics(out)
+    except UserError:
+        return []
+
+
+def plot_command(
+    rundir: Path = typer.Argument(..., help="A run folder written by ggfwd train."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUNDIR/curves.png)."),
+):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'ggfwd[plot]'") from None
+    records = read_metrics(rundir)
+    steps = [r for r in records if "loss" in r and not r.get("rejected")]
+    evals = [r for r in records if "eval_loss" in r]
+    if not steps and not evals:
+        raise UserError(f"{rundir} has no metrics to plot yet")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if steps:
+        x = [r["forward_passes"] for r in steps]
+        y = [r["loss"] for r in steps]
+        ax.plot(x, y, alpha=0.3, label="batch loss")
+        w = max(1, len(y) // 20)
+        if len(y) >= w:
+            import numpy as np
+
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=f"batch loss (mean of {w})")
+    if evals:
+        ax.plot([r["forward_passes"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("training forward passes")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax = axes[1]
+    acc = [r for r in evals if "eval_accuracy" in r]
+    if acc:
+        ax.plot([r["forward_passes"] for r in acc], [100 * r["eval_accuracy"] for r in acc], "o-")
+        ax.set_ylabel("eval accuracy (%)")
+    else:
+        ax.text(0.5, 0.5, "no accuracy (generation task or no eval data)", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("training forward passes")
+    fig.suptitle(str(rundir))
+    fig.tight_layout()
+    output = output or Path(rundir) / "curves.png"
+    fig.savefig(output, dpi=110)
+    Console().print(f"wrote {output}")
