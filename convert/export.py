@@ -55,12 +55,13 @@ def to_hf_b(adapter: LoraAdapter, name: str, heads: tuple[int, int] | None) -> n
     """B of one target with its rows in Hugging Face order."""
     arch = archs.for_gguf_name(adapter.arch)
     b = adapter.b[name]
-    n = archs.qk_heads(arch, archs.short_name(name), *(heads or (0, 0))) if arch else None
-    if n is None and arch is not None and arch.permute_qk and archs.short_name(name) in ("attn_q", "attn_k"):
-        raise UserError("the adapter targets llama q/k, whose rows must be un-permuted, but the head counts "
-                        "are unknown; pass --base MODEL.gguf")
-    if n is None:
+    short = archs.short_name(name)
+    if arch is None or not arch.permute_qk or short not in ("attn_q", "attn_k"):
         return np.ascontiguousarray(b)
+    if heads is None:
+        raise UserError("the adapter targets llama q/k, whose rows must be un-permuted, but the head counts "
+                        "are unknown (no ggfwd.json beside it); pass --base MODEL.gguf")
+    n = archs.qk_heads(arch, short, *heads)
     return np.ascontiguousarray(b[np.argsort(archs.qk_row_permutation(b.shape[0], n))])
 
 
