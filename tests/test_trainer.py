@@ -1,0 +1,168 @@
+"""The training loop and `ggfwd train` on the real engine with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ggfwd.adapter import LoraAdapter
+from ggfwd.session import Session
+from ggfwd.tasks import load_examples, load_task, tokenize_examples
+from ggfwd.trainer import Trainer, TrainConfig, batch_indices, read_metrics
+from tinytask import make_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"), labels="positive", n_train=64, n_eval=32)
+
+
+def make_trainer(tiny, rundir, **config):
+    session = Session(tiny["model"], n_threads=1, max_seqs=8, seq_tokens=64, batch_tokens=512)
+    task = load_task(str(tiny["task"]))
+    tok = lambda p: tokenize_examples(load_examples(p, task), task, session.tokenize, session.detokenize, 64)
+    adapter = LoraAdapter.create(session.base, rank=4, alpha=8.0, seed=0)
+    cfg = TrainConfig(**({"steps": 30, "batch_size": 8, "lr": 0.2, "eps": 0.1, "eval_every": 10} | config))
+    rundir.mkdir(parents=True, exist_ok=True)
+    return Trainer(session, adapter, tok(tiny["train"]), cfg, rundir, eval_data=tok(tiny["eval"]))
+
+
+def cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ggfwd", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = [batch_indices(3, s, 100, 16) for s in range(12)]
+    b = [batch_indices(3, s, 100, 16) for s in reversed(range(12))][::-1]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    epoch = np.concatenate(a[:6])  # 6 batches per epoch: no repeats within an epoch
+    assert len(set(epoch.tolist())) == 96 and epoch.max() < 100
+    assert not np.array_equal(a[0], batch_indices(4, 0, 100, 16))
+    assert not np.array_equal(a[0], a[6])
+
+
+def test_training_reduces_the_loss(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path / "run", steps=30)
+    t.run()
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
+    assert evals[-1]["eval_accuracy"] == 1.0
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["forward_passes"] == 60 and last["tokens"] > 0
+    saved = LoraAdapter.load(tmp_path / "run" / "adapter.gguf")
+    assert np.array_equal(saved.params, t.theta)
+
+
+def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path):
+    full = make_trainer(tiny, tmp_path / "full", steps=12, eval_every=5)
+    full.run()
+    part = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5)
+    part.run(stop_after=7)
+    part.session.close()
+    again = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5)
+    assert again.resume() == 7
+    again.run()
+    a = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").params
+    b = LoraAdapter.load(tmp_path / "part" / "adapter.gguf").params
+    assert np.array_equal(a, b) and not np.array_equal(a, full.adapter.params)  # trained, and identical
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "part"))
+
+
+def test_killed_cli_run_resumes_to_the_same_adapter(tiny, tmp_path):
+    args = ["train", "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"],
+            "--eval-data", tiny["eval"], "--steps", 16, "--batch-size", 8, "--lr", 0.01, "--eps", 0.1,
+            "--rank", 4, "--alpha", 8, "--threads", 1, "--max-tokens", 64, "--eval-every", 0]
+    done = cli(*args, "--out", tmp_path / "full")
+    assert done.returncode == 0, done.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "ggfwd", *map(str, args), "--out", tmp_path / "killed"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 3 <= stopped_at < 16
+    resumed = cli("train", "--out", tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").params
+    b = LoraAdapter.load(tmp_path / "killed" / "adapter.gguf").params
+    assert np.array_equal(a, b)
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed")]
+    assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path / "nan", steps=5, eps=1e38, max_rejections=3)
+    before = t.theta.copy()
+    with pytest.raises(Exception, match="diverged"):
+        t.run()
+    assert np.array_equal(t.theta, before) and t.counters.rejected == 3 and t.counters.applied == 0
+    rows = [r for r in read_metrics(tmp_path / "nan") if r["step"] > 0]
+    assert [r["rejected"] for r in rows] == ["non-finite loss"] * 3
+    assert np.array_equal(LoraAdapter.load(tmp_path / "nan" / "adapter.gguf").params, before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eps", "0"], "eps must be a positive"),
+    (["--eps", "-0.1"], "eps must be a positive"),
+    (["--directions", "0"], "directions per step must be >= 1"),
+    (["--eval-data", "/nonexistent/dev.jsonl"], "evaluation data file not found"),
+    (["--optimizer", "lion"], "optimizer must be one of"),
+])
+def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
+    from ggfwd.cli import main
+
+    args = ["train", "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"], "--steps", 2,
+            "--out", tmp_path / "bad", *extra]
+    monkeypatch.setattr(sys, "argv", ["ggfwd", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "bad" / "state.json").exists()
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(tiny, tmp_path):
+    r = cli("train", "--out", tmp_path / "none", "--resume")
+    assert r.returncode == 2 and "no run to resume" in r.stderr
+    t = make_trainer(tiny, tmp_path / "run", steps=2)
+    t.run(stop_after=1)
+    import dataclasses
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    state["meta"] = {"model": str(tiny["model"]), "adapter": None, "data": str(tiny["train"]),
+                     "eval_data": None, "task": str(tiny["task"]), "train_limit": None, "eval_limit": None,
+                     "rank": 4, "alpha": 8.0, "targets": "attn_q,attn_v", "max_tokens": 64}
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    r = cli("train", "--out", tmp_path / "run", "--resume", "--lr", "0.5")
+    assert r.returncode == 2 and "differs from the run's" in r.stderr
+
+
+def test_plot_writes_a_png(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    t = make_trainer(tiny, tmp_path / "run", steps=4, eval_every=2)
+    t.run()
+    r = cli("plot", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
