@@ -41,9 +41,14 @@ def convert_command(
             if not quiet:
                 console.print(text)
 
-        record = convert_model(src, output, type, rank=rank, alpha=alpha, targets=targets, seed=seed,
-                               force=force, threads=threads or default_threads(), progress=progress,
-                               status=status)
+        try:
+            record = convert_model(src, output, type, rank=rank, alpha=alpha, targets=targets, seed=seed,
+                                   force=force, threads=threads or default_threads(), progress=progress,
+                                   status=status)
+        except BaseException:
+            for task in list(bar.task_ids):  # an error is reported on one line, without a stale bar
+                bar.remove_task(task)
+            raise
     if not quiet:
         console.print(f"wrote {output}/model.gguf ({record['architecture']}, {record['type']}), "
                       f"{output}/adapter.gguf (rank {rank}, {', '.join(record['targets'])}), {output}/ggfwd.json")
