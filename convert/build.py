@@ -15,7 +15,7 @@ from ..adapter import LoraAdapter
 from ..base import BaseModel, field_value, read_base
 from ..errors import UserError
 from . import architectures as archs
-from .quantize import FTYPES, K_QUANTS, quantize_gguf
+from .quantize import FTYPES, quantize_gguf
 from .staging import check_output_dir, sha256_file, staged_dir
 
 TYPES = tuple(FTYPES)
