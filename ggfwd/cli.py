@@ -32,15 +32,11 @@ def _register() -> None:
     app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
                               "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
     app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
-    try:
-        from .convert.commands import convert_command, export_command
-    except ImportError:
-        pass
-    else:
-        app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "
-                                    "plus a separate F32 LoRA adapter.")(convert_command)
-        app.command("export", help="Export a trained adapter to PEFT (safetensors) or a llama.cpp GGUF.")(export_command)
+    from .convert.commands import convert_command, export_command
 
+    app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "
+                                "plus a separate F32 LoRA adapter.")(convert_command)
+    app.command("export", help="Export a trained adapter to PEFT (safetensors) or a llama.cpp GGUF.")(export_command)
 
 _register()
 
