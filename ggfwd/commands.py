@@ -39,7 +39,8 @@ def eval_command(
     examples = load_examples(data, the_task, limit)
     lora = LoraAdapter.load(adapter) if adapter else None
     session = Session(model or demo_model(), n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens,
-                      batch_tokens=max(1024, max_tokens), verbose=verbose)
+                      batch_tokens=max(1024, max_tokens), verbose=verbose,
+                      max_outputs=batch_size if the_task.kind == "classification" else max(256, max_tokens))
     tokenized = tokenize_examples(examples, the_task, session.tokenize, session.detokenize, max_tokens)
     if lora is not None:
         session.set_adapter(lora)

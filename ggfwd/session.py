@@ -80,7 +80,7 @@ class Scores:
 class _Chunk:
     """One llama_decode worth of sequences, with its llama_batch built once."""
 
-    def __init__(self, examples, first: int):
+    def __init__(self, examples, first: int, start_pos: int = 0):
         import llama_cpp
 
         self.first, self.count = first, len(examples)
@@ -90,7 +90,7 @@ class _Chunk:
         self.batch = llama_cpp.llama_batch_init(n, 0, 1)
         b = self.batch
         np.ctypeslib.as_array(b.token, shape=(n,))[:] = np.concatenate([e.tokens for e in examples])
-        np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.concatenate([np.arange(k) for k in lengths])
+        np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.concatenate([start_pos + np.arange(k) for k in lengths])
         np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
         flags = np.ctypeslib.as_array(b.logits, shape=(n,))
         flags[:] = 0
@@ -133,12 +133,13 @@ class Session:
     """A base GGUF model loaded once, with a context sized for the plans it scores.
 
     `max_seqs` sequences of up to `seq_tokens` tokens each, at most `batch_tokens` tokens and
-    `max_outputs` scored positions per decode. These settings fix the numerics: keep them the same for
-    evaluations that must be comparable.
+    `max_outputs` scored positions per decode (default: one per sequence, as classification needs; llama.cpp
+    reserves `max_outputs x n_vocab` floats for logits, 1 GiB for 1024 outputs of a 262k vocabulary).
+    These settings fix the numerics: keep them the same for evaluations that must be comparable.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int | None = None, max_seqs: int = 16,
-                 seq_tokens: int = 256, batch_tokens: int = 1024, max_outputs: int = 256,
+                 seq_tokens: int = 256, batch_tokens: int = 1024, max_outputs: int | None = None,
                  kv_f32: bool = False, flash_attn: bool = False, verbose: bool = False):
         import llama_cpp
 
@@ -149,7 +150,8 @@ class Session:
             raise UserError("sequences per decode must be between 1 and 256")
         self.n_threads = n_threads or default_threads()
         self.max_seqs, self.seq_tokens = max_seqs, seq_tokens
-        self.batch_tokens, self.max_outputs = max(batch_tokens, seq_tokens), max_outputs
+        self.batch_tokens = max(batch_tokens, seq_tokens)
+        self.max_outputs = max_outputs or max_seqs
         self.kv_f32, self.flash_attn = kv_f32, flash_attn
         _quiet_llama(verbose)
         llama_cpp.llama_backend_init()
@@ -334,26 +336,32 @@ class Session:
         return Scores(losses, correct, plan.n_tokens)
 
     def logits(self, token_ids) -> np.ndarray:
-        """Next-token logits at every position of one sequence (n_tokens, n_vocab), for checks and tests."""
+        """Next-token logits at every position of one sequence (n_tokens, n_vocab), for checks and tests.
+        Decoded in windows of `max_outputs` tokens that continue the same sequence in the KV cache."""
         import llama_cpp
 
         from .tasks import TokenizedExample
 
         ids = np.asarray(token_ids, dtype=np.int32)
-        if len(ids) > min(self.seq_tokens, self.batch_tokens, self.max_outputs):
-            raise UserError("sequence too long for this session")
+        if len(ids) == 0 or len(ids) > self.seq_tokens:
+            raise UserError(f"sequence must have 1 to {self.seq_tokens} tokens")
         if ids.min() < 0 or ids.max() >= self.n_vocab:
             raise UserError("token ids outside the model's vocabulary")
-        ex = TokenizedExample(ids, np.arange(len(ids), dtype=np.int32), np.zeros(len(ids), np.int32))
-        chunk = _Chunk([ex], 0)
-        try:
-            llama_cpp.llama_memory_clear(self.mem, True)
-            if llama_cpp.llama_decode(self.ctx, chunk.batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(ids), self.n_vocab))
-            return out.copy()
-        finally:
-            chunk.free()
+        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
+        window = min(self.max_outputs, self.batch_tokens)
+        llama_cpp.llama_memory_clear(self.mem, True)
+        for start in range(0, len(ids), window):
+            part = ids[start: start + window]
+            ex = TokenizedExample(part, np.arange(len(part), dtype=np.int32), np.zeros(len(part), np.int32))
+            chunk = _Chunk([ex], 0, start_pos=start)
+            try:
+                if llama_cpp.llama_decode(self.ctx, chunk.batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                out[start: start + len(part)] = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx),
+                                                                      shape=(len(part), self.n_vocab))
+            finally:
+                chunk.free()
+        return out
 
 
 def _logsumexp(z: np.ndarray, block: int = 16) -> np.ndarray:
