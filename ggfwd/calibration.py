@@ -197,7 +197,15 @@ def analyse(candidates, plus: np.ndarray, minus: np.ndarray, base: float, n_toke
     d = (plus - minus) / 2.0
     n_dir = d.shape[0]
     warnings: list[str] = []
-    coef, sigma_d, resid, powers = fit_differences(candidates, d)
+    coef, sigma_d, resid, powers = fit_differences(candidates, d, degree=3)
+    if candidates.size >= 5:
+        # Keep the eps^5 term only where it explains clearly more than noise (an F test at about 4).
+        coef5, sigma5, resid5, powers5 = fit_differences(candidates, d, degree=5)
+        dof5 = d.size - coef5.size
+        if dof5 > 0 and sigma5 > 0:
+            f_stat = ((resid ** 2).sum() - (resid5 ** 2).sum()) / n_dir / sigma5 ** 2
+            if f_stat > 4.0:
+                coef, sigma_d, resid, powers = coef5, sigma5, resid5, powers5
     g = coef[:, 0]
     g_rms = float(np.sqrt((g ** 2).mean()))
     c_rms = float(np.sqrt((coef[:, 1] ** 2).mean())) if len(powers) > 1 else 0.0

@@ -177,8 +177,15 @@ class TorchHF:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(2)
-        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                          torch_dtype=torch.float32, attn_implementation="eager")
+        cache = WORK / f"hf-{path.stem}"  # dequantizing through gguf-py takes minutes; keep a safetensors copy
+        if (cache / "config.json").exists() and (cache / "mtime").read_text() == str(path.stat().st_mtime_ns):
+            self.model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32,
+                                                              attn_implementation="eager")
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32, attn_implementation="eager")
+            self.model.save_pretrained(str(cache))
+            (cache / "mtime").write_text(str(path.stat().st_mtime_ns))
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -199,11 +206,13 @@ class TorchHF:
             return output
         return hook
 
-    def logits(self, tokens, lora, scale):
+    def logits(self, tokens, lora, scale, last_only=False):
         import torch
 
         self.lora, self.scale = lora, scale
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None]
+        if last_only:  # the 262k-row output layer on one position only
+            return self.model(input_ids=ids, logits_to_keep=1).logits[0]
         return self.model(input_ids=ids).logits[0]
 
     def dtype(self):
@@ -225,11 +234,14 @@ def torch_loss_and_grad(ref, data, adapter: LoraAdapter):
     classes = torch.as_tensor(data.classes, dtype=torch.long)
     total = 0.0
     for ex in data.examples:
-        logits = ref.logits(ex.tokens, tensors, adapter.scale)
-        z = logits[int(ex.positions[0]), classes].to(torch.float64)
+        pos = int(ex.positions[0])
+        if isinstance(ref, TorchHF) and pos == len(ex.tokens) - 1:
+            z = ref.logits(ex.tokens, tensors, adapter.scale, last_only=True)[-1, classes].to(torch.float64)
+        else:
+            z = ref.logits(ex.tokens, tensors, adapter.scale)[pos, classes].to(torch.float64)
         loss = torch.logsumexp(z, 0) - z[int(ex.targets[0])]
         (loss / len(data)).backward()
-        total += float(loss) / len(data)
+        total += float(loss.detach()) / len(data)
     grad = np.concatenate([np.concatenate([tensors[n][0].grad.double().numpy().ravel(),
                                            tensors[n][1].grad.double().numpy().ravel()]) for n in adapter.targets])
     return total, grad
@@ -292,6 +304,7 @@ def main():
     ap.add_argument("--flash-attn", default="0", help="comma list of 0/1")
     ap.add_argument("--scaling", default="tensor", help="comma list of tensor, unit (Perturbations scaling)")
     ap.add_argument("--calibrate", action="store_true", help="also run ggfwd.calibration and print its prediction")
+    ap.add_argument("--calibrate-only", action="store_true", help="run ggfwd.calibration, skip the fidelity sweep")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
@@ -334,13 +347,14 @@ def main():
                 for part in args.part.split(","):
                     for dist in args.dist.split(","):
                         for scaling in args.scaling.split(","):
+                            nz = 4 if args.calibrate_only else args.directions
                             zs = [make_direction(adapter, k, args.seed, dist, part, scaling).astype(np.float64)
-                                  for k in range(args.directions)]
+                                  for k in range(nz)]
                             exact = np.array([grad @ z for z in zs])
                             setting = f"part={part} {dist[:5]}" + (" kvf32" if kv == "1" else "") + \
                                       (" fa" if fa == "1" else "") + (" unit-z" if scaling == "unit" else "") + \
                                       (f" B~{args.b_init:g}" if args.b_init > 0 else " B=0") + f" n={args.batch}"
-                            if args.calibrate:
+                            if args.calibrate or args.calibrate_only:
                                 from ggfwd.calibration import calibrate_eps
 
                                 cal = calibrate_eps(session, plan, adapter,
@@ -349,7 +363,7 @@ def main():
                                 console.print(cal.summary())
                                 for w in cal.warnings:
                                     console.print(f"[yellow]{w}")
-                            for eps in eps_list:
+                            for eps in ([] if args.calibrate_only else eps_list):
                                 t2 = time.perf_counter()
                                 est = np.empty(len(zs))
                                 for k, z in enumerate(zs):
