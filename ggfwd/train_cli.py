@@ -30,9 +30,11 @@ _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer",
                   "normalize", "eval_every")
 
 
-def _session_settings(batch_size: int, max_tokens: int, threads: Optional[int]) -> dict:
-    return dict(n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens,
-                batch_tokens=max(1024, max_tokens), max_outputs=max(256, batch_size))
+def _session_settings(batch_size: int, max_tokens: int, threads: Optional[int], kind: str) -> dict:
+    """Fixed by the run's settings, so a resumed run scores with the same numerics. Classification needs
+    one scored position per sequence; generation up to 256 per decode (llama.cpp reserves n_vocab floats each)."""
+    return dict(n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens, batch_tokens=max(1024, max_tokens),
+                max_outputs=batch_size if kind == "classification" else max(256, max_tokens))
 
 
 def train_command(
@@ -120,7 +122,7 @@ def train_command(
     eval_examples = load_examples(meta["eval_data"], the_task, meta["eval_limit"]) if meta["eval_data"] else None
     init = LoraAdapter.load(meta["adapter"]) if meta["adapter"] else None
     session = Session(meta["model"], verbose=verbose,
-                      **_session_settings(config.batch_size, meta["max_tokens"], threads))
+                      **_session_settings(config.batch_size, meta["max_tokens"], threads, the_task.kind))
     with session:
         tok = lambda ex: tokenize_examples(ex, the_task, session.tokenize, session.detokenize, meta["max_tokens"])
         train_data = tok(train_examples)

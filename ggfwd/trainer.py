@@ -39,7 +39,7 @@ _BATCH_STREAM = 0xBA7C4  # keeps batch sampling streams apart from perturbation 
 @dataclass
 class TrainConfig:
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 1e-2
     eps: float = 0.1
     directions: int = 1
     batch_size: int = 16

@@ -1,0 +1,248 @@
+"""Convergence at a fixed budget of forward passes: SST-2, Gemma-3-270M.
+
+Three engines, each in its own process (so wall time and peak RSS are its own), all driven by ggfwd's
+Trainer (same batches, same seeded directions, same estimator and optimizer code):
+
+- ggfwd: the ggfwd recipe through llama.cpp on the Q4_K_M GGUF.
+- naive: the baseline recipe of the project notes through llama.cpp (SGD without momentum, unit-variance
+  directions, eps 3e-2, lr 2e-3, constant schedule).
+- torch: the ggfwd recipe in PyTorch fp32 on the same GGUF dequantized by transformers, LoRA applied by hand
+  on q_proj/v_proj (MeZO-style baseline at equal forward passes).
+
+Token ids are produced once by llama.cpp in the parent and shared, so every engine scores identical inputs.
+
+    python scripts/bench_convergence.py --steps 150 --eval-every 50            # ~15-25 min on 2 cores
+    python scripts/bench_convergence.py --engines ggfwd --steps 400 --full-dev  # the 872-row target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ggfwd.trainer import TrainConfig  # noqa: E402
+
+NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, schedule="constant", warmup=0)
+
+
+def recipe(args) -> dict:
+    return dict(optimizer=args.optimizer, lr=args.lr, eps=args.eps, scaling="tensor", schedule=args.schedule,
+                warmup=args.warmup, directions=args.directions, layers=args.layers)
+
+
+# --------------------------------------------------------------------------- torch engine
+
+class TorchSession:
+    """Just what Trainer needs from a Session, computed by PyTorch fp32 on the dequantized GGUF."""
+
+    def __init__(self, model_path: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ggfwd.base import read_base
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.base = read_base(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
+                                                          torch_dtype=torch.float32).eval()
+        self.buf = None
+
+    def set_adapter(self, adapter):
+        torch = self.torch
+        self.buf = adapter.params.copy()
+        layers = self.model.model.layers
+        scale = adapter.scale
+        for name, (a_sl, b_sl) in adapter.slices().items():
+            _, idx, kind, _ = name.split(".")
+            proj = getattr(layers[int(idx)].self_attn, {"attn_q": "q_proj", "attn_v": "v_proj"}[kind])
+            out_dim, in_dim = adapter.shapes[name]
+            a = torch.from_numpy(self.buf[a_sl]).view(adapter.rank, in_dim)  # views: set_params is a copy
+            b = torch.from_numpy(self.buf[b_sl]).view(out_dim, adapter.rank)
+            proj.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a.T) @ b.T)
+
+    def set_params(self, params):
+        self.buf[...] = params
+
+    def plan(self, data):
+        torch = self.torch
+        chunks = []
+        for i in range(0, len(data), 16):
+            exs = data.examples[i:i + 16]
+            n = max(len(e.tokens) for e in exs)
+            ids = torch.zeros((len(exs), n), dtype=torch.long)
+            mask = torch.zeros((len(exs), n), dtype=torch.long)
+            for j, e in enumerate(exs):
+                ids[j, :len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
+                mask[j, :len(e.tokens)] = 1
+            last = torch.tensor([int(e.positions[0]) for e in exs])
+            target = np.array([int(e.targets[0]) for e in exs])
+            chunks.append((ids, mask, last, target, sum(len(e.tokens) for e in exs)))
+        return (data, chunks)
+
+    def score(self, plan):
+        from ggfwd.session import Scores
+
+        torch = self.torch
+        data, chunks = plan
+        classes = torch.from_numpy(data.classes.astype(np.int64))
+        w = self.model.lm_head.weight[classes]  # (C, d)
+        losses, correct, tokens = [], [], 0
+        with torch.no_grad():
+            for ids, mask, last, target, n in chunks:
+                h = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                z = (h[torch.arange(len(ids)), last] @ w.T).double().numpy()
+                cap = getattr(self.model.config, "final_logit_softcapping", None)
+                if cap:
+                    z = np.tanh(z / cap) * cap
+                lse = np.logaddexp.reduce(z, axis=1)
+                losses.append(lse - z[np.arange(len(z)), target])
+                correct.append(z.argmax(1) == target)
+                tokens += n
+        return Scores(np.concatenate(losses), np.concatenate(correct), tokens)
+
+
+# --------------------------------------------------------------------------- worker
+
+def worker(spec: dict) -> dict:
+    from ggfwd.adapter import LoraAdapter
+    from ggfwd.trainer import Trainer, read_metrics
+
+    with open(spec["tokens"], "rb") as f:
+        train, dev = pickle.load(f)
+    model = Path(spec["model"])
+    start = time.perf_counter()
+    if spec["engine"] == "torch":
+        session = TorchSession(model, spec["threads"])
+    else:
+        from ggfwd.session import Session
+
+        session = Session(model, n_threads=spec["threads"], max_seqs=16, seq_tokens=128, batch_tokens=1024)
+    load_seconds = time.perf_counter() - start
+    adapter = LoraAdapter.create(session.base, rank=8, alpha=16.0, seed=spec["config"]["seed"])
+    run = Path(spec["run"])
+    run.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(session, adapter, train, TrainConfig.from_dict(spec["config"]), run, eval_data=dev)
+    trainer.run(on_step=lambda r: print(json.dumps({k: r[k] for k in ("step", "eval_accuracy", "eval_loss")
+                                                    if k in r}), flush=True) if "eval_accuracy" in r else None)
+    wall = time.perf_counter() - start
+    k = trainer.counters
+    return {"engine": spec["engine"], "curve": [(r["forward_passes"], r["eval_accuracy"], r["eval_loss"])
+                                                for r in read_metrics(run) if "eval_accuracy" in r],
+            "forward_passes": k.forward_passes, "tokens": k.tokens, "train_seconds": k.seconds,
+            "eval_seconds": k.eval_seconds, "load_seconds": load_seconds, "wall_seconds": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --------------------------------------------------------------------------- parent
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default="ggfwd,naive,torch")
+    ap.add_argument("--steps", type=int, default=150, help="steps; forward passes = 2 x directions x steps")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-limit", type=int, default=256, help="first N dev rows (872 = all)")
+    ap.add_argument("--full-dev", action="store_true", help="evaluate on all 872 dev rows")
+    ap.add_argument("--train-limit", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--lr", type=float, default=None, help="default: the ggfwd train default")
+    ap.add_argument("--eps", type=float, default=None)
+    ap.add_argument("--schedule", default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--directions", type=int, default=1)
+    ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker.read_text())
+        result = worker(spec)
+        Path(spec["result"]).write_text(json.dumps(result))
+        return
+
+    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.session import Session, default_threads
+    from ggfwd.tasks import load_examples, load_task, tokenize_examples
+
+    defaults = TrainConfig()
+    args.lr = args.lr if args.lr is not None else defaults.lr
+    args.eps = args.eps if args.eps is not None else defaults.eps
+    args.schedule = args.schedule or defaults.schedule
+    args.warmup = args.warmup if args.warmup is not None else defaults.warmup
+    args.layers = args.layers.split(",") if args.layers else None
+    threads = args.threads or default_threads()
+    model = demo_model()
+    out = args.out or Path(tempfile.mkdtemp(prefix="ggfwd-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    task = load_task("sst2")
+    eval_limit = None if args.full_dev else args.eval_limit
+    with Session(model, n_threads=threads, max_seqs=16, seq_tokens=128) as s:
+        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
+        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit))
+        dev = tok(load_examples(sst2_dir() / "dev.tsv", task, eval_limit))
+    with open(out / "tokens.pkl", "wb") as f:
+        pickle.dump((train, dev), f)
+    base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
+    print(f"bench: {len(train)} train rows, {len(dev)} dev rows, {args.steps} steps, {threads} threads -> {out}")
+    results = []
+    for engine in args.engines.split(","):
+        config = {**base, **(NAIVE if engine == "naive" else recipe(args))}
+        spec = {"engine": engine, "model": str(model), "tokens": str(out / "tokens.pkl"), "threads": threads,
+                "config": config, "run": str(out / engine), "result": str(out / f"{engine}.json")}
+        (out / f"{engine}.spec.json").write_text(json.dumps(spec))
+        print(f"--- {engine}: {json.dumps(config)}", flush=True)
+        rc = subprocess.call([sys.executable, __file__, "--worker", str(out / f"{engine}.spec.json")])
+        if rc != 0:
+            print(f"{engine} failed with exit code {rc}")
+            continue
+        results.append(json.loads((out / f"{engine}.json").read_text()))
+    report(results, len(dev))
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+
+
+def report(results: list[dict], n_dev: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    points = sorted({fp for r in results for fp, _, _ in r["curve"]})
+    t = Table(title=f"SST-2 dev accuracy ({n_dev} rows) vs training forward passes (batch 16)")
+    t.add_column("forward passes", justify="right")
+    for r in results:
+        t.add_column(r["engine"], justify="right")
+    for fp in points:
+        row = [str(fp)]
+        for r in results:
+            hit = [f"{100 * acc:.1f}% ({loss:.3f})" for p, acc, loss in r["curve"] if p == fp]
+            row.append(hit[0] if hit else "")
+        t.add_row(*row)
+    for label, key, fmt in [("train seconds", "train_seconds", "{:.0f}"), ("eval seconds", "eval_seconds", "{:.0f}"),
+                            ("wall seconds", "wall_seconds", "{:.0f}"), ("tokens/s (train)", None, None),
+                            ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]:
+        if key is None:
+            t.add_row(label, *[f"{r['tokens'] / r['train_seconds']:.0f}" for r in results])
+        else:
+            t.add_row(label, *[fmt.format(r[key]) for r in results])
+    for target in (0.83, 0.88):
+        t.add_row(f"passes to {target:.0%}", *[str(next((p for p, a, _ in r["curve"] if a >= target), "-"))
+                                                for r in results])
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
