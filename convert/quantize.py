@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 
 # ggfwd --type -> llama_ftype (llama.h)
-FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+FTYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 
 

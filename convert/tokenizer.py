@@ -11,6 +11,7 @@ known pre-tokenizer (as in the tests) converts too; an unknown pre-tokenizer is 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..errors import UserError
@@ -101,7 +102,13 @@ def write_vocab(writer, src: Path, arch: Architecture, n_vocab: int) -> str:
     else:
         pre = _write_bpe(writer, src, n_vocab)
         desc = f"BPE ({pre})"
-    special = gguf.SpecialVocab(src, load_merges=(kind == "bpe"), n_vocab=n_vocab)
+    vocab_log = logging.getLogger("gguf.vocab")  # its guesses about pair templates are noise here
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(src, load_merges=(kind == "bpe"), n_vocab=n_vocab)
+    finally:
+        vocab_log.setLevel(level)
     special.add_to_gguf(writer, quiet=True)
     return desc
 
