@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/ggfwd-vulkan}
-if ! dpkg -s libvulkan-dev glslc mesa-vulkan-drivers vulkan-tools >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq libvulkan-dev glslc mesa-vulkan-drivers vulkan-tools
+if ! dpkg -s libvulkan-dev glslc spirv-headers mesa-vulkan-drivers vulkan-tools >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq libvulkan-dev glslc spirv-headers mesa-vulkan-drivers vulkan-tools
 fi
 vulkaninfo --summary 2>/dev/null | grep -E "deviceName|driverName" || true
 python3 -m venv "$VENV"
