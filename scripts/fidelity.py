@@ -177,15 +177,18 @@ class TorchHF:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(2)
-        cache = WORK / f"hf-{path.stem}"  # dequantizing through gguf-py takes minutes; keep a safetensors copy
-        if (cache / "config.json").exists() and (cache / "mtime").read_text() == str(path.stat().st_mtime_ns):
-            self.model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32,
+        cache = WORK / f"hf-{path.stem}.pt"  # dequantizing through gguf-py takes minutes; keep a torch copy
+        stamp = str(path.stat().st_mtime_ns)
+        if cache.exists():
+            saved = torch.load(cache, weights_only=False)
+            if saved["stamp"] == stamp:
+                self.model = AutoModelForCausalLM.from_config(saved["config"], dtype=torch.float32,
                                                               attn_implementation="eager")
-        else:
+                self.model.load_state_dict(saved["state"])
+        if not hasattr(self, "model"):
             self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32, attn_implementation="eager")
-            self.model.save_pretrained(str(cache))
-            (cache / "mtime").write_text(str(path.stat().st_mtime_ns))
+            torch.save({"stamp": stamp, "config": self.model.config, "state": self.model.state_dict()}, cache)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
