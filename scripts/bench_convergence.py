@@ -144,6 +144,7 @@ def worker(spec: dict) -> dict:
                                                 for r in read_metrics(run) if "eval_accuracy" in r],
             "forward_passes": k.forward_passes, "tokens": k.tokens, "train_seconds": k.seconds,
             "eval_seconds": k.eval_seconds, "load_seconds": load_seconds, "wall_seconds": wall,
+            "cpu_seconds": (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -168,8 +169,14 @@ def main():
     ap.add_argument("--directions", type=int, default=1)
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report", type=Path, nargs="+", help="only print the table of finished runs (folders)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.report:
+        results = [json.loads(p.read_text()) for d in args.report for p in sorted(d.glob("*.json"))
+                   if not p.name.endswith(".spec.json") and p.name != "summary.json"]
+        report(results, None)
+        return
     if args.worker:
         spec = json.loads(args.worker.read_text())
         result = worker(spec)
@@ -221,7 +228,8 @@ def report(results: list[dict], n_dev: int) -> None:
     from rich.table import Table
 
     points = sorted({fp for r in results for fp, _, _ in r["curve"]})
-    t = Table(title=f"SST-2 dev accuracy ({n_dev} rows) vs training forward passes (batch 16)")
+    rows = f"{n_dev} rows" if n_dev else "dev rows"
+    t = Table(title=f"SST-2 dev accuracy ({rows}; dev loss) vs training forward passes (batch 16)")
     t.add_column("forward passes", justify="right")
     for r in results:
         t.add_column(r["engine"], justify="right")
@@ -232,12 +240,13 @@ def report(results: list[dict], n_dev: int) -> None:
             row.append(hit[0] if hit else "")
         t.add_row(*row)
     for label, key, fmt in [("train seconds", "train_seconds", "{:.0f}"), ("eval seconds", "eval_seconds", "{:.0f}"),
-                            ("wall seconds", "wall_seconds", "{:.0f}"), ("tokens/s (train)", None, None),
+                            ("wall seconds", "wall_seconds", "{:.0f}"), ("CPU seconds", "cpu_seconds", "{:.0f}"),
+                            ("tokens/s (train)", None, None),
                             ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]:
         if key is None:
             t.add_row(label, *[f"{r['tokens'] / r['train_seconds']:.0f}" for r in results])
         else:
-            t.add_row(label, *[fmt.format(r[key]) for r in results])
+            t.add_row(label, *[fmt.format(r[key]) if key in r else "-" for r in results])
     for target in (0.83, 0.88):
         t.add_row(f"passes to {target:.0%}", *[str(next((p for p, a, _ in r["curve"] if a >= target), "-"))
                                                 for r in results])
