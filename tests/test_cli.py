@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,11 @@ from ggfwd.adapter import LoraAdapter
 from ggfwd.base import read_base
 
 
-def run(*args, cwd=None):
+def run(*args):
+    # From the tests folder: run from the repository root, `-m ggfwd` would import the source tree's
+    # ggfwd/ (which lacks the ggfwd.convert subpackage) instead of the installed package.
     return subprocess.run([sys.executable, "-m", "ggfwd", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=Path(__file__).parent, timeout=300)
 
 
 def assert_user_error(result, fragment):
