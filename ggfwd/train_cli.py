@@ -46,7 +46,7 @@ def train_command(
     train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
     directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),

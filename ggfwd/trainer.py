@@ -39,15 +39,17 @@ _BATCH_STREAM = 0xBA7C4  # keeps batch sampling streams apart from perturbation 
 @dataclass
 class TrainConfig:
     steps: int = 200
-    lr: float = 1e-2
+    # Defaults: the notes' baseline recipe in per-tensor units (unit-variance eps 3e-2, lr 2e-3 <=> eps 0.1,
+    # lr 0.02 here): on the same batches it beat adam lr 1e-2 (69.5% vs 66.8% on 256 dev rows at 80 passes).
+    lr: float = 2e-2
     eps: float = 0.1
     directions: int = 1
     batch_size: int = 16
-    optimizer: str = "adam"
+    optimizer: str = "sgd"
     schedule: str = "constant"
     warmup: int = 0
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float = 0.0
     seed: int = 0
     distribution: str = "gaussian"
     part: str = "b"

@@ -39,8 +39,8 @@ NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, s
 
 
 def recipe(args) -> dict:
-    return dict(optimizer=args.optimizer, lr=args.lr, eps=args.eps, scaling="tensor", schedule=args.schedule,
-                warmup=args.warmup, directions=args.directions, layers=args.layers)
+    return dict(optimizer=args.optimizer, momentum=args.momentum, lr=args.lr, eps=args.eps, scaling="tensor",
+                schedule=args.schedule, warmup=args.warmup, directions=args.directions, layers=args.layers)
 
 
 # --------------------------------------------------------------------------- torch engine
@@ -161,7 +161,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--optimizer", default=None)
+    ap.add_argument("--momentum", type=float, default=None)
     ap.add_argument("--lr", type=float, default=None, help="default: the ggfwd train default")
     ap.add_argument("--eps", type=float, default=None)
     ap.add_argument("--schedule", default=None)
@@ -188,6 +189,8 @@ def main():
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
 
     defaults = TrainConfig()
+    args.optimizer = args.optimizer or defaults.optimizer
+    args.momentum = args.momentum if args.momentum is not None else defaults.momentum
     args.lr = args.lr if args.lr is not None else defaults.lr
     args.eps = args.eps if args.eps is not None else defaults.eps
     args.schedule = args.schedule or defaults.schedule

@@ -30,7 +30,7 @@ def make_trainer(tiny, rundir, **config):
     task = load_task(str(tiny["task"]))
     tok = lambda p: tokenize_examples(load_examples(p, task), task, session.tokenize, session.detokenize, 64)
     adapter = LoraAdapter.create(session.base, rank=4, alpha=8.0, seed=0)
-    cfg = TrainConfig(**({"steps": 30, "batch_size": 8, "lr": 0.2, "eps": 0.1, "eval_every": 10} | config))
+    cfg = TrainConfig(**({"steps": 30, "batch_size": 8, "optimizer": "adam", "lr": 0.2, "eps": 0.1, "eval_every": 10} | config))
     rundir.mkdir(parents=True, exist_ok=True)
     return Trainer(session, adapter, tok(tiny["train"]), cfg, rundir, eval_data=tok(tiny["eval"]))
 
@@ -82,7 +82,7 @@ def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path):
 
 def test_killed_cli_run_resumes_to_the_same_adapter(tiny, tmp_path):
     args = ["train", "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"],
-            "--eval-data", tiny["eval"], "--steps", 16, "--batch-size", 8, "--lr", 0.01, "--eps", 0.1,
+            "--eval-data", tiny["eval"], "--steps", 16, "--batch-size", 8, "--optimizer", "adam", "--lr", 0.01, "--eps", 0.1,
             "--rank", 4, "--alpha", 8, "--threads", 1, "--max-tokens", 64, "--eval-every", 0]
     done = cli(*args, "--out", tmp_path / "full")
     assert done.returncode == 0, done.stderr
