@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .adapter import LoraAdapter
-from .errors import UserError
 from .progress import progress_bar
 from .session import Session
 from .tasks import load_examples, load_task, tokenize_examples

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -88,6 +87,7 @@ class _Chunk:
         n = sum(lengths)
         self.n_tokens = n
         self.batch = llama_cpp.llama_batch_init(n, 0, 1)
+        self._batch_free = llama_cpp.llama_batch_free  # kept: free() may run while the interpreter shuts down
         b = self.batch
         np.ctypeslib.as_array(b.token, shape=(n,))[:] = np.concatenate([e.tokens for e in examples])
         np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.concatenate([start_pos + np.arange(k) for k in lengths])
@@ -107,10 +107,8 @@ class _Chunk:
         b.n_tokens = n
 
     def free(self):
-        import llama_cpp
-
         if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
+            self._batch_free(self.batch)
             self.batch = None
 
 

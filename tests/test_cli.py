@@ -1,21 +1,16 @@
 """Bad input: one line on stderr, exit code 2, no traceback, no partial output."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
 from ggfwd.adapter import LoraAdapter
 from ggfwd.base import read_base
 
 
 def run(*args):
-    # From the tests folder: run from the repository root, `-m ggfwd` would import the source tree's
-    # ggfwd/ (which lacks the ggfwd.convert subpackage) instead of the installed package.
-    return subprocess.run([sys.executable, "-m", "ggfwd", *map(str, args)], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, timeout=300)
+    return run_cli(*args)
 
 
 def assert_user_error(result, fragment):

@@ -1,7 +1,6 @@
 """The training loop and `ggfwd train` on the real engine with the tiny model."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from ggfwd.adapter import LoraAdapter
 from ggfwd.session import Session
 from ggfwd.tasks import load_examples, load_task, tokenize_examples
 from ggfwd.trainer import Trainer, TrainConfig, batch_indices, read_metrics
+from clirun import run_cli, start_cli
 from tinytask import make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +36,7 @@ def make_trainer(tiny, rundir, **config):
 
 
 def cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "ggfwd", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kw)
+    return run_cli(*args, **kw)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -86,9 +84,7 @@ def test_killed_cli_run_resumes_to_the_same_adapter(tiny, tmp_path):
             "--rank", 4, "--alpha", 8, "--threads", 1, "--max-tokens", 64, "--eval-every", 0]
     done = cli(*args, "--out", tmp_path / "full")
     assert done.returncode == 0, done.stderr
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "ggfwd", *map(str, args), "--out", tmp_path / "killed"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(*args, "--out", tmp_path / "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "state.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -148,7 +144,6 @@ def test_resume_refuses_changed_settings_and_missing_runs(tiny, tmp_path):
     assert r.returncode == 2 and "no run to resume" in r.stderr
     t = make_trainer(tiny, tmp_path / "run", steps=2)
     t.run(stop_after=1)
-    import dataclasses
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     state["meta"] = {"model": str(tiny["model"]), "adapter": None, "data": str(tiny["train"]),
                      "eval_data": None, "task": str(tiny["task"]), "train_limit": None, "eval_limit": None,
