@@ -19,6 +19,7 @@ import numpy as np
 
 from .base import BaseModel, field_value, open_gguf
 from .errors import UserError
+from .files import atomic_path
 
 DEFAULT_TARGETS = ("attn_q", "attn_v")
 
@@ -151,16 +152,8 @@ class LoraAdapter:
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Write the adapter GGUF atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            self._write(Path(tmp), extra)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            self._write(tmp, extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LoraAdapter":

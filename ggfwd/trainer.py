@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from .adapter import LoraAdapter
 from .errors import UserError
+from .files import atomic_write
 from .estimator import Estimator, check_settings
 from .optimizer import Optimizer
 from .perturbation import Perturbations
@@ -86,17 +86,6 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     epoch, j = divmod(step, per_epoch)
     rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, _BATCH_STREAM, epoch])))
     return np.sort(rng.permutation(n)[j * batch_size:(j + 1) * batch_size])
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -227,11 +216,11 @@ class Trainer:
         adapter_path = ckdir / f"adapter-{k.step:08d}.gguf"
         optim_path = ckdir / f"optimizer-{k.step:08d}.npz"
         self.adapter.with_params(self.theta).save(adapter_path, extra={"ggfwd.step": k.step})
-        _atomic_write(optim_path, lambda f: np.savez(f, **self.optimizer.state_dict()))
+        atomic_write(optim_path, lambda f: np.savez(f, **self.optimizer.state_dict()))
         state = {"step": k.step, "counters": asdict(k), "config": asdict(self.config), "meta": self.meta,
                  "adapter": adapter_path.name, "optimizer": optim_path.name,
                  "perturbations": self.perturbations.describe()}
-        _atomic_write(self.rundir / STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+        atomic_write(self.rundir / STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
         latest = self.rundir / "adapter.gguf"
         tmp = self.rundir / ".adapter.gguf.link"
         if tmp.exists():
@@ -264,7 +253,7 @@ class Trainer:
         if path.exists():
             keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.counters.step]
-            _atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+            atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
         return self.counters.step
 
     @property
