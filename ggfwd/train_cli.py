@@ -114,7 +114,6 @@ def train_command(
         out = out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
         if (out / "state.json").exists():
             raise UserError(f"{out} already holds a run: use --resume to continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
     config.check()
 
     the_task = load_task(meta["task"])
@@ -130,6 +129,7 @@ def train_command(
         if init is None:
             init = LoraAdapter.create(session.base, [t.strip() for t in meta["targets"].split(",") if t.strip()],
                                       rank=meta["rank"], alpha=meta["alpha"], seed=config.seed)
+        out.mkdir(parents=True, exist_ok=True)  # only once the data and model have been accepted
         trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, meta=meta)
         if resume:
             trainer.resume()

@@ -88,3 +88,9 @@ def test_help_everywhere():
     for args in ([], ["eval"]):
         r = run(*args, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_train_on_bad_data_leaves_no_run_folder(tiny_model, data, tmp_path):
+    result = run("train", "--model", tiny_model, "--data", data / "notjson.jsonl", "--out", tmp_path / "run")
+    assert_user_error(result, "line 2: not valid JSON")
+    assert not (tmp_path / "run").exists()
