@@ -32,12 +32,20 @@ if dpkg --compare-versions "$header_version" lt 1.3.275; then
     extra_cmake="-DVulkan_INCLUDE_DIR=$WORK/root/usr/include -DCMAKE_PREFIX_PATH=$WORK/root/usr"
 fi
 
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-CMAKE_ARGS="-DGGML_VULKAN=on $extra_cmake" "$VENV/bin/pip" install --no-cache-dir --force-reinstall \
-    --no-binary llama-cpp-python "llama-cpp-python>=0.3.30"
+if ls "$VENV"/lib/python3*/site-packages/llama_cpp/lib/libggml-vulkan.so >/dev/null 2>&1; then
+    echo "reusing the Vulkan build in $VENV"
+else
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    CMAKE_ARGS="-DGGML_VULKAN=on $extra_cmake" "$VENV/bin/pip" install --no-cache-dir --force-reinstall \
+        --no-binary llama-cpp-python "llama-cpp-python>=0.3.30"
+fi
 "$VENV/bin/pip" install -q ".[demo]" pytest
-"$VENV/bin/python" -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+# ggml's Vulkan backend ignores CPU-type devices (lavapipe) unless they are named explicitly.
+export GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0}
+echo "== which device llama.cpp uses"
+"$VENV/bin/python" -c "from ggfwd.demo import demo_model; from ggfwd.session import Session; Session(demo_model(), verbose=True)" \
+    2>&1 | grep -E "ggml_vulkan: [0-9]|using device|offloaded" || { echo "no Vulkan device in use"; exit 1; }
 echo "== session and adapter tests on the Vulkan build"
 (cd tests && "$VENV/bin/python" -m pytest -q test_session.py test_adapter.py)
 echo "== losses: Vulkan build vs this machine's CPU build"
