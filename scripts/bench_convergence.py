@@ -34,12 +34,19 @@ sys.path.insert(0, str(ROOT))
 
 from ggfwd.trainer import TrainConfig  # noqa: E402
 
-NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, schedule="constant", warmup=0)
+NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, schedule="constant", warmup=0,
+             directions=1, scheme="central", distribution="gaussian", normalize="none", part="b")
 
 
 def recipe(args) -> dict:
     return dict(optimizer=args.optimizer, momentum=args.momentum, lr=args.lr, eps=args.eps, scaling="tensor",
-                schedule=args.schedule, warmup=args.warmup, directions=args.directions, layers=args.layers)
+                schedule=args.schedule, warmup=args.warmup, directions=args.directions, layers=args.layers,
+                scheme=args.scheme, distribution=args.distribution, normalize=args.normalize)
+
+
+def passes_per_step(config: dict) -> int:
+    k = config.get("directions", 1)
+    return k + 1 if config.get("scheme") == "forward" else 2 * k
 
 
 # --------------------------------------------------------------------------- torch engine
@@ -153,6 +160,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default="ggfwd,naive,torch")
     ap.add_argument("--steps", type=int, default=150, help="steps; forward passes = 2 x directions x steps")
+    ap.add_argument("--passes", type=int, default=None,
+                    help="budget of training forward passes per engine (overrides --steps; then --eval-every "
+                         "counts forward passes too)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-limit", type=int, default=256, help="first N dev rows (872 = all)")
     ap.add_argument("--full-dev", action="store_true", help="evaluate on all 872 dev rows")
@@ -167,6 +177,9 @@ def main():
     ap.add_argument("--schedule", default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--directions", type=int, default=1)
+    ap.add_argument("--scheme", default=None, help="central or forward (forward: one shared L(theta) per step)")
+    ap.add_argument("--distribution", default=None)
+    ap.add_argument("--normalize", default=None)
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, nargs="+", help="only print the table of finished runs (folders)")
@@ -195,6 +208,9 @@ def main():
     args.schedule = args.schedule or defaults.schedule
     args.warmup = args.warmup if args.warmup is not None else defaults.warmup
     args.layers = args.layers.split(",") if args.layers else None
+    args.scheme = args.scheme or defaults.scheme
+    args.distribution = args.distribution or defaults.distribution
+    args.normalize = args.normalize or defaults.normalize
     threads = args.threads or default_threads()
     model = demo_model()
     out = args.out or Path(tempfile.mkdtemp(prefix="ggfwd-bench-"))
@@ -212,6 +228,9 @@ def main():
     results = []
     for engine in args.engines.split(","):
         config = {**base, **(NAIVE if engine == "naive" else recipe(args))}
+        if args.passes:
+            per = passes_per_step(config)
+            config.update(steps=max(1, args.passes // per), eval_every=max(1, args.eval_every // per))
         spec = {"engine": engine, "model": str(model), "tokens": str(out / "tokens.pkl"), "threads": threads,
                 "config": config, "run": str(out / engine), "result": str(out / f"{engine}.json")}
         (out / f"{engine}.spec.json").write_text(json.dumps(spec))

@@ -46,8 +46,10 @@ export GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0}
 echo "== which device llama.cpp uses"
 "$VENV/bin/python" -c "from ggfwd.demo import demo_model; from ggfwd.session import Session; Session(demo_model(), verbose=True)" \
     2>&1 | grep -E "ggml_vulkan: [0-9]|using device|offloaded" || { echo "no Vulkan device in use"; exit 1; }
+echo "== adapter reloads through llama.cpp's own file loader"
+"$VENV/bin/python" scripts/adapter_reload_check.py --reloads 60 || echo "FAILED: exit code $? (crash on adapter reloads)"
 echo "== session and adapter tests on the Vulkan build"
-(cd tests && "$VENV/bin/python" -m pytest -q test_session.py test_adapter.py)
+(cd tests && "$VENV/bin/python" -m pytest -q test_session.py test_adapter.py) || echo "FAILED: exit code $?"
 echo "== losses: Vulkan build vs this machine's CPU build"
 python3 scripts/backend_losses.py > /tmp/ggfwd-cpu-losses.json
 "$VENV/bin/python" scripts/backend_losses.py --compare /tmp/ggfwd-cpu-losses.json
