@@ -60,7 +60,7 @@ def train_command(
     part: Optional[str] = typer.Option(None, help="Perturbed and trained part: b, a or all."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices or glob patterns to train."),
     scaling: Optional[str] = typer.Option(None, help="tensor (per-tensor scaled) or unit directions."),
-    scheme: Optional[str] = typer.Option(None, help="central or forward differences."),
+    scheme: Optional[str] = typer.Option(None, help="central, forward or centred differences (centred: 1 pass per direction, K >= 2)."),
     normalize: Optional[str] = typer.Option(None, help="none or std (divide differences by the loss spread)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only at start and end)."),
     rank: int = typer.Option(8, help="Rank of a fresh adapter."),

@@ -45,8 +45,8 @@ def recipe(args) -> dict:
 
 
 def passes_per_step(config: dict) -> int:
-    k = config.get("directions", 1)
-    return k + 1 if config.get("scheme") == "forward" else 2 * k
+    k, scheme = config.get("directions", 1), config.get("scheme", "central")
+    return {"forward": k + 1, "centred": k}.get(scheme, 2 * k)
 
 
 # --------------------------------------------------------------------------- torch engine
@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--schedule", default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--directions", type=int, default=1)
-    ap.add_argument("--scheme", default=None, help="central or forward (forward: one shared L(theta) per step)")
+    ap.add_argument("--scheme", default=None, help="central, forward or centred (see ggfwd/estimator.py)")
     ap.add_argument("--distribution", default=None)
     ap.add_argument("--normalize", default=None)
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")

@@ -93,6 +93,24 @@ def test_forward_scheme_and_std_normalisation(tiny):
     assert np.allclose(norm.scalars, (norm.losses_plus - norm.losses_minus) / (2 * spread))
 
 
+def test_centred_scheme_needs_no_base_evaluation_and_cancels_the_common_offset(tiny):
+    session, data, adapter = tiny
+    p = Perturbations(adapter, seed=6, part="all")
+    plan = session.plan(data)
+    theta = adapter.params.copy()
+    k, eps = 4, 0.3
+    e = Estimator(session, p, eps=eps, directions=k, scheme="centred").estimate(theta, plan, 1)
+    assert e.forward_passes == k and e.losses_minus is None and e.loss_zero is None
+    ref = np.array([reference_loss(adapter, data, theta + eps * p.direction(1, 0, j)) for j in range(k)])
+    assert np.allclose(e.losses_plus, ref, rtol=1e-3, atol=1e-5)
+    assert np.allclose(e.scalars, k / (k - 1) * (ref - ref.mean()) / eps, rtol=0.02, atol=2e-3)
+    assert abs(e.scalars.sum()) < 1e-9  # a loss offset shared by all directions leaves no trace
+    assert np.ptp(e.scalars) > 1e-2
+    session.set_params(theta)
+    fwd = Estimator(session, p, eps=eps, directions=k, scheme="forward").estimate(theta, plan, 1)
+    assert np.allclose(e.scalars, k / (k - 1) * (fwd.scalars - fwd.scalars.mean()))
+
+
 def test_aggregate_is_mean_of_client_estimates(tiny):
     _, _, adapter = tiny
     p = Perturbations(adapter, seed=2)
@@ -110,7 +128,7 @@ def test_non_finite_losses_are_flagged(tiny):
 
 
 @pytest.mark.parametrize("kwargs", [dict(eps=0), dict(eps=-1), dict(eps=float("nan")), dict(directions=0),
-                                    dict(scheme="x"), dict(normalize="x")])
+                                    dict(scheme="x"), dict(normalize="x"), dict(scheme="centred")])
 def test_bad_estimator_settings(tiny, kwargs):
     session, _, adapter = tiny
     args = dict(eps=0.1, directions=1) | kwargs
