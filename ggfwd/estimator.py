@@ -55,6 +55,11 @@ class StepEstimate:
     finite: bool = field(default=True)
 
 
+def passes_per_step(scheme: str, directions: int) -> int:
+    """Forward passes one step of `directions` directions costs under `scheme`."""
+    return {"central": 2 * directions, "forward": directions + 1, "centred": directions}[scheme]
+
+
 def check_settings(eps: float, directions: int, scheme: str = "central", normalize: str = "none") -> None:
     if not (eps > 0 and np.isfinite(eps)):
         raise UserError(f"eps must be a positive number, got {eps}")

@@ -48,7 +48,7 @@ def train_command(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
-    directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each)."),
+    directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each with --scheme central)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd (momentum)."),
     schedule: Optional[str] = typer.Option(None, help="Learning-rate schedule: constant, cosine or linear."),

@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ggfwd.estimator import passes_per_step  # noqa: E402
 from ggfwd.trainer import TrainConfig  # noqa: E402
 
 NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, schedule="constant", warmup=0,
@@ -44,9 +45,6 @@ def recipe(args) -> dict:
                 scheme=args.scheme, distribution=args.distribution, normalize=args.normalize)
 
 
-def passes_per_step(config: dict) -> int:
-    k, scheme = config.get("directions", 1), config.get("scheme", "central")
-    return {"forward": k + 1, "centred": k}.get(scheme, 2 * k)
 
 
 # --------------------------------------------------------------------------- torch engine
@@ -229,7 +227,7 @@ def main():
     for engine in args.engines.split(","):
         config = {**base, **(NAIVE if engine == "naive" else recipe(args))}
         if args.passes:
-            per = passes_per_step(config)
+            per = passes_per_step(config["scheme"], config["directions"])
             config.update(steps=max(1, args.passes // per), eval_every=max(1, args.eval_every // per))
         spec = {"engine": engine, "model": str(model), "tokens": str(out / "tokens.pkl"), "threads": threads,
                 "config": config, "run": str(out / engine), "result": str(out / f"{engine}.json")}

@@ -9,8 +9,7 @@ from ggfwd.adapter import LoraAdapter
 from ggfwd.base import read_base
 
 
-def run(*args):
-    return run_cli(*args)
+run = run_cli
 
 
 def assert_user_error(result, fragment):

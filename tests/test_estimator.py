@@ -5,7 +5,7 @@ import pytest
 
 from ggfwd.adapter import LoraAdapter
 from ggfwd.errors import UserError
-from ggfwd.estimator import Estimator, aggregate, rebuild
+from ggfwd.estimator import Estimator, aggregate, passes_per_step, rebuild
 from ggfwd.optimizer import Optimizer, lr_at
 from ggfwd.perturbation import Perturbations
 from ggfwd.session import Session
@@ -84,6 +84,7 @@ def test_forward_scheme_and_std_normalisation(tiny):
     central = Estimator(session, p, eps=0.1, directions=2).estimate(theta, plan, 2)
     fwd = Estimator(session, p, eps=0.1, directions=2, scheme="forward").estimate(theta, plan, 2)
     assert fwd.forward_passes == 3 and central.forward_passes == 4
+    assert (fwd.forward_passes, central.forward_passes) == (passes_per_step("forward", 2), passes_per_step("central", 2))
     session.set_params(theta)
     assert fwd.loss_zero == session.score(plan).loss
     assert np.allclose(fwd.scalars, (fwd.losses_plus - fwd.loss_zero) / 0.1)
@@ -100,7 +101,7 @@ def test_centred_scheme_needs_no_base_evaluation_and_cancels_the_common_offset(t
     theta = adapter.params.copy()
     k, eps = 4, 0.3
     e = Estimator(session, p, eps=eps, directions=k, scheme="centred").estimate(theta, plan, 1)
-    assert e.forward_passes == k and e.losses_minus is None and e.loss_zero is None
+    assert e.forward_passes == k == passes_per_step("centred", k) and e.losses_minus is None and e.loss_zero is None
     ref = np.array([reference_loss(adapter, data, theta + eps * p.direction(1, 0, j)) for j in range(k)])
     assert np.allclose(e.losses_plus, ref, rtol=1e-3, atol=1e-5)
     assert np.allclose(e.scalars, k / (k - 1) * (ref - ref.mean()) / eps, rtol=0.02, atol=2e-3)
