@@ -27,7 +27,7 @@ DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
 _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
                   "weight_decay", "momentum", "seed", "distribution", "part", "layers", "scaling", "scheme",
-                  "normalize", "eval_every")
+                  "normalize", "average_decay", "eval_every")
 
 
 def _session_settings(batch_size: int, max_tokens: int, threads: Optional[int], kind: str) -> dict:
@@ -62,6 +62,7 @@ def train_command(
     scaling: Optional[str] = typer.Option(None, help="tensor (per-tensor scaled) or unit directions."),
     scheme: Optional[str] = typer.Option(None, help="central, forward or centred differences (centred: 1 pass per direction, K >= 2)."),
     normalize: Optional[str] = typer.Option(None, help="none or std (divide differences by the loss spread)."),
+    average_decay: Optional[float] = typer.Option(None, "--average", help="Evaluate and save a moving average of the adapter with this decay (0.98: about the last 50 steps; 0: off)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only at start and end)."),
     rank: int = typer.Option(8, help="Rank of a fresh adapter."),
     alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),

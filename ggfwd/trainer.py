@@ -9,7 +9,8 @@ Run folder layout (`RUNDIR`):
   settings and the names of the checkpoint files it belongs to.
 - `checkpoint/adapter-STEP.gguf`, `checkpoint/optimizer-STEP.npz`: the state after STEP updates. The files of
   the previous step are removed only after the new state.json is in place.
-- `adapter.gguf`: the latest adapter (a hard link to the checkpoint, replaced atomically).
+- `adapter.gguf`: the result: the latest adapter (a hard link to the checkpoint), or with `average_decay`
+  the moving average of the adapters (see `averaging`), replaced atomically either way.
 - `metrics.jsonl`: one JSON object per step (and per evaluation); lines past the committed step are dropped
   on resume.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import LoraAdapter
+from .averaging import IterateAverage
 from .errors import UserError
 from .files import atomic_write
 from .estimator import Estimator, check_settings
@@ -57,6 +59,7 @@ class TrainConfig:
     scaling: str = "tensor"
     scheme: str = "central"
     normalize: str = "none"
+    average_decay: float = 0.0  # > 0: evaluate and save a moving average of the adapter (see averaging.py)
     eval_every: int = 50
     max_rejections: int = 10  # consecutive divergent steps before the run stops
 
@@ -70,6 +73,8 @@ class TrainConfig:
             raise UserError(f"eval interval must be >= 0, got {self.eval_every}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.average_decay < 1:
+            raise UserError(f"averaging decay must lie in [0, 1), got {self.average_decay}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -122,6 +127,7 @@ class Trainer:
         self.optimizer = Optimizer(self.perturbations.n, c.optimizer, c.lr, c.schedule, c.warmup, c.steps,
                                    momentum=c.momentum, weight_decay=c.weight_decay)
         self.theta = self.adapter.params.copy()
+        self.average = IterateAverage(self.perturbations.n, c.average_decay) if c.average_decay else None
         self.counters = Counters()
         self._consecutive_rejections = 0
         self.session.set_adapter(self.adapter)
@@ -149,6 +155,8 @@ class Trainer:
             else:
                 self.optimizer.commit()
                 self.theta[idx] = new
+                if self.average is not None:
+                    self.average.update(new)
         self.session.set_params(self.theta)
         k.step += 1
         k.forward_passes += est.forward_passes
@@ -164,11 +172,22 @@ class Trainer:
         record.update(forward_passes=k.forward_passes, tokens=k.tokens, seconds=round(k.seconds, 4))
         return record
 
+    def result_params(self) -> np.ndarray:
+        """The adapter values that are evaluated and saved: theta, or its moving average."""
+        avg = self.average.value() if self.average is not None else None
+        if avg is None:
+            return self.theta
+        out = self.theta.copy()
+        out[self.perturbations.index] = avg
+        return out
+
     def evaluate(self) -> dict:
         if self.eval_plan is None:
             return {}
         start = time.perf_counter()
+        self.session.set_params(self.result_params())
         s = self.session.score(self.eval_plan)
+        self.session.set_params(self.theta)
         dt = time.perf_counter() - start
         self.counters.eval_seconds += dt
         out = {"eval_loss": s.loss}
@@ -216,22 +235,28 @@ class Trainer:
         adapter_path = ckdir / f"adapter-{k.step:08d}.gguf"
         optim_path = ckdir / f"optimizer-{k.step:08d}.npz"
         self.adapter.with_params(self.theta).save(adapter_path, extra={"ggfwd.step": k.step})
-        atomic_write(optim_path, lambda f: np.savez(f, **self.optimizer.state_dict()))
+        state_arrays = self.optimizer.state_dict()
+        if self.average is not None:
+            state_arrays.update(self.average.state_dict())
+        atomic_write(optim_path, lambda f: np.savez(f, **state_arrays))
         state = {"step": k.step, "counters": asdict(k), "config": asdict(self.config), "meta": self.meta,
                  "adapter": adapter_path.name, "optimizer": optim_path.name,
                  "perturbations": self.perturbations.describe()}
         atomic_write(self.rundir / STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
         latest = self.rundir / "adapter.gguf"
-        tmp = self.rundir / ".adapter.gguf.link"
-        if tmp.exists():
-            tmp.unlink()
-        try:
-            os.link(adapter_path, tmp)
-        except OSError:
-            import shutil
+        if self.average is not None and self.average.value() is not None:
+            self.current_adapter.save(latest, extra={"ggfwd.step": k.step, "ggfwd.average_decay": self.average.beta})
+        else:
+            tmp = self.rundir / ".adapter.gguf.link"
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                os.link(adapter_path, tmp)
+            except OSError:
+                import shutil
 
-            shutil.copyfile(adapter_path, tmp)
-        os.replace(tmp, latest)
+                shutil.copyfile(adapter_path, tmp)
+            os.replace(tmp, latest)
         for old in ckdir.iterdir():
             if old.name not in (adapter_path.name, optim_path.name):
                 old.unlink()
@@ -244,7 +269,10 @@ class Trainer:
         if adapter.params.size != self.theta.size:
             raise UserError("the checkpoint's adapter does not match this run's adapter layout")
         with np.load(ckdir / state["optimizer"]) as z:
-            self.optimizer.load_state_dict({key: z[key] for key in z.files})
+            arrays = {key: z[key] for key in z.files}
+        self.optimizer.load_state_dict(arrays)
+        if self.average is not None:
+            self.average.load_state_dict(arrays)
         self.theta[...] = adapter.params
         self.session.set_params(self.theta)
         self.counters = Counters(**state["counters"])
@@ -258,7 +286,8 @@ class Trainer:
 
     @property
     def current_adapter(self) -> LoraAdapter:
-        return self.adapter.with_params(self.theta)
+        """The result so far: the trained adapter, or its moving average."""
+        return self.adapter.with_params(self.result_params())
 
 
 def read_state(rundir: Path) -> dict:

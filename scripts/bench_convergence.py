@@ -42,7 +42,8 @@ NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, s
 def recipe(args) -> dict:
     return dict(optimizer=args.optimizer, momentum=args.momentum, lr=args.lr, eps=args.eps, scaling="tensor",
                 schedule=args.schedule, warmup=args.warmup, directions=args.directions, layers=args.layers,
-                scheme=args.scheme, distribution=args.distribution, normalize=args.normalize)
+                scheme=args.scheme, distribution=args.distribution, normalize=args.normalize,
+                average_decay=args.average)
 
 
 
@@ -178,6 +179,8 @@ def main():
     ap.add_argument("--scheme", default=None, help="central, forward or centred (see ggfwd/estimator.py)")
     ap.add_argument("--distribution", default=None)
     ap.add_argument("--normalize", default=None)
+    ap.add_argument("--average", type=float, default=None,
+                    help="decay of the evaluated moving average of the adapter (0: off; default: ggfwd train's)")
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, nargs="+", help="only print the table of finished runs (folders)")
@@ -209,6 +212,7 @@ def main():
     args.scheme = args.scheme or defaults.scheme
     args.distribution = args.distribution or defaults.distribution
     args.normalize = args.normalize or defaults.normalize
+    args.average = args.average if args.average is not None else defaults.average_decay
     threads = args.threads or default_threads()
     model = demo_model()
     out = args.out or Path(tempfile.mkdtemp(prefix="ggfwd-bench-"))

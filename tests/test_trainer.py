@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ggfwd.adapter import LoraAdapter
+from ggfwd.averaging import IterateAverage
 from ggfwd.session import Session
 from ggfwd.tasks import load_examples, load_task, tokenize_examples
 from ggfwd.trainer import Trainer, TrainConfig, batch_indices, read_metrics
@@ -62,18 +63,20 @@ def test_training_reduces_the_loss(tiny, tmp_path):
     assert np.array_equal(saved.params, t.theta)
 
 
-def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path):
-    full = make_trainer(tiny, tmp_path / "full", steps=12, eval_every=5)
+@pytest.mark.parametrize("average", [0.0, 0.9])
+def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path, average):
+    full = make_trainer(tiny, tmp_path / "full", steps=12, eval_every=5, average_decay=average)
     full.run()
-    part = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5)
+    part = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5, average_decay=average)
     part.run(stop_after=7)
     part.session.close()
-    again = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5)
+    again = make_trainer(tiny, tmp_path / "part", steps=12, eval_every=5, average_decay=average)
     assert again.resume() == 7
     again.run()
     a = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").params
     b = LoraAdapter.load(tmp_path / "part" / "adapter.gguf").params
     assert np.array_equal(a, b) and not np.array_equal(a, full.adapter.params)  # trained, and identical
+    assert np.array_equal(a, full.theta) == (average == 0)  # the saved result is the average when asked
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "part"))
 
@@ -81,7 +84,7 @@ def test_resume_after_stop_is_bitwise_identical(tiny, tmp_path):
 def test_killed_cli_run_resumes_to_the_same_adapter(tiny, tmp_path):
     args = ["train", "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"],
             "--eval-data", tiny["eval"], "--steps", 16, "--batch-size", 8, "--optimizer", "adam", "--lr", 0.01, "--eps", 0.1,
-            "--rank", 4, "--alpha", 8, "--threads", 1, "--max-tokens", 64, "--eval-every", 0]
+            "--rank", 4, "--alpha", 8, "--threads", 1, "--max-tokens", 64, "--eval-every", 0, "--average", 0.9]
     done = cli(*args, "--out", tmp_path / "full")
     assert done.returncode == 0, done.stderr
     proc = start_cli(*args, "--out", tmp_path / "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,6 +110,20 @@ def test_killed_cli_run_resumes_to_the_same_adapter(tiny, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16
 
 
+def test_iterate_average_is_the_normalised_exponential_average():
+    avg = IterateAverage(3, 0.9)
+    assert avg.value() is None
+    thetas = [np.array([1.0, 2.0, 3.0], np.float32) * (t + 1) for t in range(4)]
+    for th in thetas:
+        avg.update(th)
+    w = np.array([0.9 ** (3 - t) for t in range(4)])
+    expected = sum(wi * th for wi, th in zip(w, thetas)) / w.sum()
+    np.testing.assert_allclose(avg.value(), expected, rtol=1e-6)
+    again = IterateAverage(3, 0.9)
+    again.load_state_dict(avg.state_dict())
+    assert np.array_equal(again.value(), avg.value())
+
+
 def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     t = make_trainer(tiny, tmp_path / "nan", steps=5, eps=1e38, max_rejections=3)
     before = t.theta.copy()
@@ -124,6 +141,7 @@ def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     (["--directions", "0"], "directions per step must be >= 1"),
     (["--eval-data", "/nonexistent/dev.jsonl"], "evaluation data file not found"),
     (["--optimizer", "lion"], "optimizer must be one of"),
+    (["--average", "1"], "averaging decay must lie in"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
     from ggfwd.cli import main
