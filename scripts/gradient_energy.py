@@ -1,12 +1,15 @@
 """Where the gradient of a fresh LoRA adapter lives: the share of the exact gradient's energy |g|^2 in
 each target tensor's B, against that tensor's share of the coordinates.
 
-A zeroth-order step along a random direction of d coordinates makes progress proportional to |g|^2 / d, so
-a tensor whose energy share exceeds its coordinate share is worth perturbing more often (its "efficiency"
-below is that ratio). The exact gradient comes from PyTorch autograd on the same GGUF weights (dequantized by
-transformers, LoRA applied by hand, see fidelity.py); torch is used only here, never on the training path.
+"efficiency" is the energy share over the coordinate share. It is not what bounds a zeroth-order step:
+that is the gradient energy over the curvature the same coordinates carry, `G / H` below, with G = |mean
+gradient|^2 and H = the trace of the Gauss-Newton curvature, mean over rows of p(1-p) |grad of the logit
+margin|^2 (one backward pass per row). A tensor kind with a higher G / H would be worth perturbing more.
+The exact gradients come from PyTorch autograd on the same GGUF weights (dequantized by transformers, LoRA
+applied by hand, see fidelity.py); torch is used only here, never on the training path.
 
     python scripts/gradient_energy.py --rows 48
+    python scripts/gradient_energy.py --rows 64 --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
 """
 
 from __future__ import annotations
@@ -42,21 +45,42 @@ def main():
         data = tokenize_examples(load_examples(sst2_dir() / "train.tsv", task, args.rows), task, s.tokenize,
                                  s.detokenize, 128)
         adapter = LoraAdapter.create(s.base, targets=args.targets.split(","), rank=args.rank, seed=args.seed)
-    loss, g = fidelity.torch_loss_and_grad(fidelity.TorchHF(path), data, adapter)
-    slices = adapter.slices()
-    energy = {name: float(g[slices[name][1]] @ g[slices[name][1]]) for name in adapter.targets}
+    import numpy as np
+    import torch
+
+    ref = fidelity.TorchHF(path)
+    tensors = {n: (torch.tensor(adapter.a[n]), torch.tensor(adapter.b[n], requires_grad=True)) for n in adapter.targets}
+    classes = torch.as_tensor(data.classes, dtype=torch.long)
+    mean_grad = {n: np.zeros(adapter.b[n].size) for n in adapter.targets}
+    curvature = {n: 0.0 for n in adapter.targets}
+    loss, rows = 0.0, len(data.examples)
+    for ex in data.examples:
+        for _, b in tensors.values():
+            b.grad = None
+        z = ref.logits(ex.tokens, tensors, adapter.scale, last_only=True)[-1, classes].to(torch.float64)
+        y = int(ex.targets[0])
+        margin = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)
+        p = float(torch.sigmoid(margin.detach()))
+        loss += float(torch.logsumexp(z.detach(), 0) - z[y].detach()) / rows
+        margin.backward()
+        for n, (_, b) in tensors.items():
+            gm = b.grad.double().numpy().ravel()
+            mean_grad[n] += -(1 - p) * gm / rows  # d loss / d B for two classes: -(1 - p) d margin / d B
+            curvature[n] += p * (1 - p) * float(gm @ gm) / rows
+    energy = {n: float(mean_grad[n] @ mean_grad[n]) for n in adapter.targets}
     dims = {name: adapter.b[name].size for name in adapter.targets}
     total_e, total_d = sum(energy.values()), sum(dims.values())
 
     t = Table(title=f"Gradient energy of B at initialisation (loss {loss:.3f}, {len(data)} rows)")
-    for col in ("tensors", "energy share", "coordinate share", "efficiency"):
+    for col in ("tensors", "energy share", "coordinate share", "efficiency", "G / H"):
         t.add_column(col, justify="right" if col != "tensors" else "left")
     kinds = sorted({name.split(".")[2] for name in adapter.targets})
     groups = [(k, [n for n in adapter.targets if n.split(".")[2] == k]) for k in kinds]
     groups += [(n, [n]) for n in adapter.targets]
     for label, names in groups:
         e, d = sum(energy[n] for n in names) / total_e, sum(dims[n] for n in names) / total_d
-        t.add_row(label, f"{e:.3f}", f"{d:.3f}", f"{e / d:.2f}")
+        ratio = sum(energy[n] for n in names) / sum(curvature[n] for n in names)
+        t.add_row(label, f"{e:.3f}", f"{d:.3f}", f"{e / d:.2f}", f"{ratio:.3f}")
     Console().print(t)
 
 
