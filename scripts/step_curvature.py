@@ -50,14 +50,14 @@ def main():
     task = load_task("sst2")
     table = Table(title=f"Slope and curvature along random directions (eps {args.eps}, {args.rows} rows, "
                         f"{args.directions} directions per group)")
-    for col in ("adapter", "group", "values", "L(0)", "E[s^2]", "E[z'Hz] (sd)", "lr*", "best loss drop / step"):
+    for col in ("adapter", "group", "values", "L(0)", "mean s^2", "mean z'Hz (sd)", "lr*", "best loss drop / step"):
         table.add_column(col, justify="left" if col in ("adapter", "group") else "right")
     with Session(demo_model(), n_threads=args.threads, max_seqs=args.rows, seq_tokens=128,
                  batch_tokens=max(1024, 128 * args.rows)) as s:
         rows = load_examples(sst2_dir() / "train.tsv", task, args.offset + args.rows)[args.offset:]
         data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 128)
         fresh = LoraAdapter.create(s.base, rank=8, alpha=16.0, seed=0)
-        points = [("fresh", fresh)] + [(str(p), LoraAdapter.load(p)) for p in args.adapter]
+        points = [("fresh", fresh)] + [(f"{p.parent.name}/{p.name}", LoraAdapter.load(p)) for p in args.adapter]
         s.set_adapter(fresh)
         plan = s.plan(data)
         for label, adapter in points:
