@@ -1,0 +1,101 @@
+"""Replay a finished `ggfwd train` / `bench_convergence` run from its seeds and scalars, and evaluate moving
+averages of its trajectory without a single training forward pass.
+
+A run's `metrics.jsonl` holds the loss-difference scalars of every step; with the run's seed they rebuild
+each update exactly (`ggfwd.estimator.rebuild`), so the whole trajectory can be replayed. This checks that
+property (the replayed adapter must equal the run's final `adapter.gguf` bitwise) and answers "would the
+average of this trajectory have scored better?" on the same trajectory, a paired comparison.
+
+    python scripts/replay_average.py RUNDIR --model M.gguf --eval-data dev.tsv --task sst2 \
+        --at 100,200,400 --decays 0.98,0.99
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rundir", type=Path)
+    ap.add_argument("--model", type=Path, default=None, help="base GGUF (default: the demo Gemma-3-270M)")
+    ap.add_argument("--eval-data", type=Path, default=None, help="default: SST-2 dev")
+    ap.add_argument("--eval-limit", type=int, default=256)
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--rank", type=int, default=8, help="of the run's fresh adapter")
+    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--at", default="100,200", help="comma-separated steps to evaluate at")
+    ap.add_argument("--decays", default="0.98,0.99")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ggfwd.adapter import LoraAdapter
+    from ggfwd.averaging import IterateAverage
+    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.estimator import rebuild
+    from ggfwd.optimizer import Optimizer
+    from ggfwd.perturbation import Perturbations
+    from ggfwd.session import Session
+    from ggfwd.tasks import load_examples, load_task, tokenize_examples
+    from ggfwd.trainer import TrainConfig, read_metrics, read_state
+
+    state = read_state(args.rundir)
+    c = TrainConfig.from_dict(state["config"])
+    points = sorted(int(x) for x in args.at.split(","))
+    decays = [float(x) for x in args.decays.split(",")]
+    records = {r["step"]: r for r in read_metrics(args.rundir) if "scalars" in r}
+    if max(points) > state["step"]:
+        raise SystemExit(f"error: the run has {state['step']} steps, cannot evaluate at step {max(points)}")
+    task = load_task(args.task)
+    with Session(args.model or demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=128,
+                 batch_tokens=1024) as s:
+        dev = tokenize_examples(load_examples(args.eval_data or sst2_dir() / "dev.tsv", task, args.eval_limit),
+                                task, s.tokenize, s.detokenize, 128)
+        adapter = LoraAdapter.create(s.base, rank=args.rank, alpha=args.alpha, seed=c.seed)
+        p = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
+        opt = Optimizer(p.n, c.optimizer, c.lr, c.schedule, c.warmup, c.steps, momentum=c.momentum,
+                        weight_decay=c.weight_decay)
+        theta, idx = adapter.params.copy(), p.index
+        averages = {d: IterateAverage(p.n, d) for d in decays}
+        s.set_adapter(adapter)
+        plan = s.plan(dev)
+
+        def evaluate(values):
+            full = theta.copy()
+            full[idx] = values
+            s.set_params(full)
+            sc = s.score(plan)
+            return f"{100 * sc.accuracy:.1f}% ({sc.loss:.3f})"
+
+        table = Table(title=f"{args.rundir}: trajectory vs its moving averages ({len(dev)} eval rows)")
+        for col in ["step", "forward passes", "trained"] + [f"average {d}" for d in decays]:
+            table.add_column(col, justify="right")
+        for step in range(max(points)):
+            r = records[step + 1]
+            if "rejected" not in r:
+                new = opt.step(theta[idx], rebuild(p, step, 0, r["scalars"]), step)
+                opt.commit()
+                theta[idx] = new
+                for a in averages.values():
+                    a.update(new)
+            if step + 1 in points:
+                table.add_row(str(step + 1), str(r["forward_passes"]), evaluate(theta[idx]),
+                              *[evaluate(a.value()) for a in averages.values()])
+        Console().print(table)
+        if max(points) == state["step"] and c.average_decay == 0:
+            final = LoraAdapter.load(args.rundir / "adapter.gguf").params
+            print("replayed adapter equals the run's adapter.gguf bitwise:", bool(np.array_equal(final, theta)))
+
+
+if __name__ == "__main__":
+    main()
