@@ -185,9 +185,12 @@ class Trainer:
         if self.eval_plan is None:
             return {}
         start = time.perf_counter()
-        self.session.set_params(self.result_params())
+        params = self.result_params()
+        if params is not self.theta:  # score the average, then leave the session at theta again
+            self.session.set_params(params)
         s = self.session.score(self.eval_plan)
-        self.session.set_params(self.theta)
+        if params is not self.theta:
+            self.session.set_params(self.theta)
         dt = time.perf_counter() - start
         self.counters.eval_seconds += dt
         out = {"eval_loss": s.loss}
@@ -244,8 +247,10 @@ class Trainer:
                  "perturbations": self.perturbations.describe()}
         atomic_write(self.rundir / STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
         latest = self.rundir / "adapter.gguf"
-        if self.average is not None and self.average.value() is not None:
-            self.current_adapter.save(latest, extra={"ggfwd.step": k.step, "ggfwd.average_decay": self.average.beta})
+        result = self.result_params()
+        if result is not self.theta:
+            self.adapter.with_params(result).save(latest, extra={"ggfwd.step": k.step,
+                                                                 "ggfwd.average_decay": self.average.beta})
         else:
             tmp = self.rundir / ".adapter.gguf.link"
             if tmp.exists():

@@ -46,8 +46,6 @@ def recipe(args) -> dict:
                 average_decay=args.average)
 
 
-
-
 # --------------------------------------------------------------------------- torch engine
 
 class TorchSession:

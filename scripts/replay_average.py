@@ -3,7 +3,8 @@ averages of its trajectory without a single training forward pass.
 
 A run's `metrics.jsonl` holds the loss-difference scalars of every step; with the run's seed they rebuild
 each update exactly (`ggfwd.estimator.rebuild`), so the whole trajectory can be replayed. This checks that
-property (the replayed adapter must equal the run's final `adapter.gguf` bitwise) and answers "would the
+property (the replayed adapter must equal the run's final `adapter.gguf` bitwise; the run must have started
+from a fresh adapter of the given --rank and --alpha) and answers "would the
 average of this trajectory have scored better?" on the same trajectory, a paired comparison.
 
     python scripts/replay_average.py RUNDIR --model M.gguf --eval-data dev.tsv --task sst2 \
