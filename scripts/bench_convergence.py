@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--normalize", default=None)
     ap.add_argument("--average", type=float, default=None,
                     help="decay of the evaluated moving average of the adapter (0: off; default: ggfwd train's)")
+    ap.add_argument("--task", default="sst2", help="built-in task: sst2 (ggfwd's prompt) or sst2-plain (the notes')")
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, nargs="+", help="only print the table of finished runs (folders)")
@@ -215,7 +216,7 @@ def main():
     model = demo_model()
     out = args.out or Path(tempfile.mkdtemp(prefix="ggfwd-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task("sst2")
+    task = load_task(args.task)
     eval_limit = None if args.full_dev else args.eval_limit
     with Session(model, n_threads=threads, max_seqs=16, seq_tokens=128) as s:
         tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
@@ -224,7 +225,8 @@ def main():
     with open(out / "tokens.pkl", "wb") as f:
         pickle.dump((train, dev), f)
     base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
-    print(f"bench: {len(train)} train rows, {len(dev)} dev rows, {args.steps} steps, {threads} threads -> {out}")
+    print(f"bench: task {task.name}, {len(train)} train rows, {len(dev)} dev rows, {args.steps} steps, "
+          f"{threads} threads -> {out}")
     results = []
     for engine in args.engines.split(","):
         config = {**base, **(NAIVE if engine == "naive" else recipe(args))}

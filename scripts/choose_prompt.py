@@ -1,0 +1,89 @@
+"""Score candidate prompts zero-shot on held-out SST-2 *train* rows, to choose a task's template and verbalizers.
+
+A prompt decides where training starts and how much signal the base model already carries. For each
+candidate this prints, on the same rows:
+
+- accuracy and loss as the task scores them (argmax over the verbalizers);
+- calibrated accuracy: for two classes, the accuracy when the logit difference is thresholded at its median
+  instead of zero. It measures what the model separates before its bias is fixed, which is what the first
+  few dozen training steps do.
+
+Rows come from the train file at an offset far from the rows training reads first, so the choice never looks
+at dev. ggfwd's built-in `sst2` prompt was chosen this way (`sst2-plain` is the notes' prompt).
+
+    python scripts/choose_prompt.py --rows 384 --offset 30000
+    python scripts/choose_prompt.py --candidates my_prompts.toml   # [[prompt]] name, template, labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+NEG_POS = {"negative": " negative", "positive": " positive"}
+TERRIBLE_GREAT = {"negative": " terrible", "positive": " great"}
+CANDIDATES = [
+    ("plain (notes)", "Review: {text}\nSentiment (great or terrible):", TERRIBLE_GREAT),
+    ("it-was (MeZO)", "{text} It was", TERRIBLE_GREAT),
+    ("sentiment", "{text}\nSentiment:", NEG_POS),
+    ("review-sentiment", "Review: {text}\nSentiment:", NEG_POS),
+    ("text-sentiment", "Text: {text}\nSentiment:", NEG_POS),
+    ("the-sentiment-is", "{text}\nThe sentiment of this movie review is", NEG_POS),
+]
+
+
+def calibrated_accuracy(losses: np.ndarray, labels: np.ndarray) -> float:
+    """Two classes: accuracy of thresholding the logit difference (class 1 minus class 0) at its median.
+    The loss is softplus(-margin), so the margin is recovered exactly as -log(expm1(loss))."""
+    margin = -np.log(np.expm1(np.maximum(losses, 1e-12)))
+    diff = np.where(labels == 1, margin, -margin)
+    return float(np.mean((diff > np.median(diff)) == (labels == 1)))
+
+
+def load_candidates(path: Path | None):
+    if path is None:
+        return CANDIDATES
+    raw = tomllib.loads(path.read_text())
+    return [(p.get("name", p["template"]), p["template"], p["labels"]) for p in raw.get("prompt", [])]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", type=Path, help="TOML file with [[prompt]] tables (name, template, labels)")
+    ap.add_argument("--rows", type=int, default=384, help="train rows scored per candidate")
+    ap.add_argument("--offset", type=int, default=30000, help="first train row (far from the rows training reads)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.session import Session
+    from ggfwd.tasks import Task, load_examples, tokenize_examples
+
+    table = Table(title=f"Zero-shot on SST-2 train rows {args.offset}..{args.offset + args.rows - 1} "
+                        "(Gemma-3-270M Q4_K_M)")
+    for col in ("prompt", "template", "verbalizers", "accuracy", "loss", "calibrated accuracy", "tokens"):
+        table.add_column(col, justify="left" if col in ("prompt", "template", "verbalizers") else "right")
+    with Session(demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=160, batch_tokens=2048) as s:
+        for name, template, labels in load_candidates(args.candidates):
+            task = Task(name, "classification", template, tuple(labels), tuple(labels.values()))
+            rows = load_examples(sst2_dir() / "train.tsv", task, args.offset + args.rows)[args.offset:]
+            data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 160)
+            scores = s.score(s.plan(data))
+            cal = calibrated_accuracy(scores.losses, data.labels) if len(labels) == 2 else float("nan")
+            table.add_row(name, repr(template), "/".join(labels.values()), f"{scores.accuracy:.1%}",
+                          f"{scores.loss:.3f}", f"{cal:.1%}", str(data.n_tokens))
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
