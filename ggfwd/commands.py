@@ -23,7 +23,7 @@ def eval_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="LoRA adapter GGUF to apply."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE-style TSV (default: SST-2 dev)."),
-    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, generation) or a task file."),
+    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N examples."),
     max_tokens: int = typer.Option(256, help="Longest example in tokens; longer texts are cut from the left."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per llama_decode."),

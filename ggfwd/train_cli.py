@@ -41,7 +41,7 @@ def train_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data, JSONL or GLUE TSV (default: SST-2 train)."),
-    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name or a task file."),
+    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default with the demo: SST-2 dev)."),
     train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),

@@ -13,6 +13,7 @@ at dev. ggfwd's built-in `sst2` prompt was chosen this way (`sst2-plain` is the 
 
     python scripts/choose_prompt.py --rows 384 --offset 30000
     python scripts/choose_prompt.py --candidates my_prompts.toml   # [[prompt]] name, template, labels
+    python scripts/choose_prompt.py --split dev --offset 0 --rows 256   # report only, after choosing
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main():
     ap.add_argument("--candidates", type=Path, help="TOML file with [[prompt]] tables (name, template, labels)")
     ap.add_argument("--rows", type=int, default=384, help="train rows scored per candidate")
     ap.add_argument("--offset", type=int, default=30000, help="first train row (far from the rows training reads)")
+    ap.add_argument("--split", choices=["train", "dev"], default="train",
+                    help="dev only to report a choice already made (use --offset 0)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -69,14 +72,16 @@ def main():
     from ggfwd.session import Session
     from ggfwd.tasks import Task, load_examples, tokenize_examples
 
-    table = Table(title=f"Zero-shot on SST-2 train rows {args.offset}..{args.offset + args.rows - 1} "
+    table = Table(title=f"Zero-shot on SST-2 {args.split} rows {args.offset}..{args.offset + args.rows - 1} "
                         "(Gemma-3-270M Q4_K_M)")
     for col in ("prompt", "template", "verbalizers", "accuracy", "loss", "calibrated accuracy", "tokens"):
         table.add_column(col, justify="left" if col in ("prompt", "template", "verbalizers") else "right")
     with Session(demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=160, batch_tokens=2048) as s:
         for name, template, labels in load_candidates(args.candidates):
             task = Task(name, "classification", template, tuple(labels), tuple(labels.values()))
-            rows = load_examples(sst2_dir() / "train.tsv", task, args.offset + args.rows)[args.offset:]
+            rows = load_examples(sst2_dir() / f"{args.split}.tsv", task, args.offset + args.rows)[args.offset:]
+            if not rows:
+                sys.exit(f"error: {args.split}.tsv has no rows from offset {args.offset}")
             data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 160)
             scores = s.score(s.plan(data))
             cal = calibrated_accuracy(scores.losses, data.labels) if len(labels) == 2 else float("nan")
