@@ -49,10 +49,17 @@ def calibrated_accuracy(losses: np.ndarray, labels: np.ndarray) -> float:
 
 
 def load_candidates(path: Path | None):
+    """(name, template, {label: verbalizer}) per candidate; a bad file exits with a one-line error."""
     if path is None:
         return CANDIDATES
-    raw = tomllib.loads(path.read_text())
-    return [(p.get("name", p["template"]), p["template"], p["labels"]) for p in raw.get("prompt", [])]
+    try:
+        prompts = tomllib.loads(path.read_text()).get("prompt", [])
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        sys.exit(f"error: cannot read candidates file {path}: {exc}")
+    if not prompts or any(not isinstance(p.get("template"), str) or not isinstance(p.get("labels"), dict)
+                          for p in prompts):
+        sys.exit(f"error: {path}: expected [[prompt]] tables, each with a 'template' string and a 'labels' table")
+    return [(p.get("name", p["template"]), p["template"], p["labels"]) for p in prompts]
 
 
 def main():
@@ -69,6 +76,7 @@ def main():
     from rich.table import Table
 
     from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.errors import UserError
     from ggfwd.session import Session
     from ggfwd.tasks import Task, load_examples, tokenize_examples
 
@@ -76,16 +84,21 @@ def main():
                         "(Gemma-3-270M Q4_K_M)")
     for col in ("prompt", "template", "verbalizers", "accuracy", "loss", "calibrated accuracy", "tokens"):
         table.add_column(col, justify="left" if col in ("prompt", "template", "verbalizers") else "right")
+    tasks = []
+    for name, template, labels in load_candidates(args.candidates):  # all checked before the model loads
+        try:
+            tasks.append(Task(name, "classification", template, tuple(labels), tuple(labels.values())))
+        except UserError as exc:
+            sys.exit(f"error: prompt '{name}': {exc}")
     with Session(demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=160, batch_tokens=2048) as s:
-        for name, template, labels in load_candidates(args.candidates):
-            task = Task(name, "classification", template, tuple(labels), tuple(labels.values()))
+        for task in tasks:
             rows = load_examples(sst2_dir() / f"{args.split}.tsv", task, args.offset + args.rows)[args.offset:]
             if not rows:
                 sys.exit(f"error: {args.split}.tsv has no rows from offset {args.offset}")
             data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 160)
             scores = s.score(s.plan(data))
-            cal = calibrated_accuracy(scores.losses, data.labels) if len(labels) == 2 else float("nan")
-            table.add_row(name, repr(template), "/".join(labels.values()), f"{scores.accuracy:.1%}",
+            cal = calibrated_accuracy(scores.losses, data.labels) if len(task.labels) == 2 else float("nan")
+            table.add_row(task.name, repr(task.template), "/".join(task.verbalizers), f"{scores.accuracy:.1%}",
                           f"{scores.loss:.3f}", f"{cal:.1%}", str(data.n_tokens))
     Console(width=160).print(table)
 
