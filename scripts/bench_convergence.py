@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--eval-limit", type=int, default=256, help="first N dev rows (872 = all)")
     ap.add_argument("--full-dev", action="store_true", help="evaluate on all 872 dev rows")
     ap.add_argument("--train-limit", type=int, default=4000)
+    ap.add_argument("--min-words", type=int, default=0, help="train only on rows with at least N words")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -220,12 +221,12 @@ def main():
     eval_limit = None if args.full_dev else args.eval_limit
     with Session(model, n_threads=threads, max_seqs=16, seq_tokens=128) as s:
         tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
-        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit))
+        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit, args.min_words))
         dev = tok(load_examples(sst2_dir() / "dev.tsv", task, eval_limit))
     with open(out / "tokens.pkl", "wb") as f:
         pickle.dump((train, dev), f)
     base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
-    print(f"bench: task {task.name}, {len(train)} train rows, {len(dev)} dev rows, {args.steps} steps, "
+    print(f"bench: task {task.name}, {len(train)} train rows (>= {args.min_words} words), {len(dev)} dev rows, {args.steps} steps, "
           f"{threads} threads -> {out}")
     results = []
     for engine in args.engines.split(","):

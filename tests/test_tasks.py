@@ -13,6 +13,15 @@ def test_sst2_tsv_dev_and_train(sst2_dir):
     assert dev[0].text == "one long string of cliches ." and dev[0].label == 0
     train = load_examples(sst2_dir / "train.tsv", task, limit=100)
     assert len(train) == 100
+    long = load_examples(sst2_dir / "train.tsv", task, limit=100, min_words=10)
+    assert len(long) == 100 and min(len(e.text.split()) for e in long) == 10
+    assert sum(len(e.text.split()) < 10 for e in train) > 30  # the filter removed something real
+
+
+def test_min_words_that_keeps_nothing_is_a_user_error(tmp_path):
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ntoo short\t1\n")
+    with pytest.raises(UserError, match="no examples with at least 5 words"):
+        load_examples(tmp_path / "d.tsv", load_task("sst2"), min_words=5)
 
 
 def test_task_file_json_and_toml(tmp_path):

@@ -142,6 +142,7 @@ def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     (["--eval-data", "/nonexistent/dev.jsonl"], "evaluation data file not found"),
     (["--optimizer", "lion"], "optimizer must be one of"),
     (["--average", "1"], "averaging decay must lie in"),
+    (["--min-words", "9"], "has no examples with at least 9 words"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
     from ggfwd.cli import main
