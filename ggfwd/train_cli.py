@@ -22,7 +22,7 @@ from .trainer import TrainConfig, read_metrics, read_state
 err = Console(stderr=True)
 
 # Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see README "Training").
-DEMO = dict(train_limit=2000, min_words=0, eval_limit=256, steps=150, eval_every=50)
+DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
 
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
 _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
@@ -44,7 +44,7 @@ def train_command(
     task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default with the demo: SST-2 dev)."),
     train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
-    min_words: Optional[int] = typer.Option(None, min=0, help="Train only on examples of at least N words (0: all)."),
+    min_words: int = typer.Option(0, min=0, help="Train only on examples of at least N words (0: all)."),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
@@ -105,7 +105,7 @@ def train_command(
             "eval_data": str(eval_data) if eval_data else (str(sst2 / "dev.tsv") if demo else None),
             "task": task,
             "train_limit": train_limit or (DEMO["train_limit"] if demo else None),
-            "min_words": min_words if min_words is not None else (DEMO["min_words"] if demo else 0),
+            "min_words": min_words,
             "eval_limit": eval_limit or (DEMO["eval_limit"] if demo else None),
             "rank": rank, "alpha": alpha, "targets": targets, "max_tokens": max_tokens,
         }

@@ -226,8 +226,8 @@ def main():
     with open(out / "tokens.pkl", "wb") as f:
         pickle.dump((train, dev), f)
     base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
-    print(f"bench: task {task.name}, {len(train)} train rows (>= {args.min_words} words), {len(dev)} dev rows, {args.steps} steps, "
-          f"{threads} threads -> {out}")
+    print(f"bench: task {task.name}, {len(train)} train rows (>= {args.min_words} words), {len(dev)} dev rows, "
+          f"{args.steps} steps, {threads} threads -> {out}")
     results = []
     for engine in args.engines.split(","):
         config = {**base, **(NAIVE if engine == "naive" else recipe(args))}
