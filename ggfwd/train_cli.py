@@ -61,7 +61,7 @@ def train_command(
     part: Optional[str] = typer.Option(None, help="Perturbed and trained part: b, a or all."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices or glob patterns to train."),
     scaling: Optional[str] = typer.Option(None, help="tensor (per-tensor scaled) or unit directions."),
-    scheme: Optional[str] = typer.Option(None, help="central, forward or centred differences (centred: 1 pass per direction, K >= 2)."),
+    scheme: Optional[str] = typer.Option(None, help="central, forward, centred or central4 differences (passes per direction: 2, 1 + 1 shared, 1 with K >= 2, 4)."),
     normalize: Optional[str] = typer.Option(None, help="none or std (divide differences by the loss spread)."),
     average_decay: Optional[float] = typer.Option(None, "--average", help="Evaluate and save a moving average of the adapter with this decay (0.98: about the last 50 steps; 0: off)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only at start and end)."),

@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--schedule", default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--directions", type=int, default=1)
-    ap.add_argument("--scheme", default=None, help="central, forward or centred (see ggfwd/estimator.py)")
+    ap.add_argument("--scheme", default=None, help="central, forward, centred or central4 (see ggfwd/estimator.py)")
     ap.add_argument("--distribution", default=None)
     ap.add_argument("--normalize", default=None)
     ap.add_argument("--average", type=float, default=None,
@@ -227,7 +227,7 @@ def main():
         pickle.dump((train, dev), f)
     base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
     print(f"bench: task {task.name}, {len(train)} train rows (>= {args.min_words} words), {len(dev)} dev rows, "
-          f"{args.steps} steps, {threads} threads -> {out}")
+          f"{f'{args.passes} forward passes' if args.passes else f'{args.steps} steps'}, {threads} threads -> {out}")
     results = []
     for engine in args.engines.split(","):
         config = {**base, **(NAIVE if engine == "naive" else recipe(args))}

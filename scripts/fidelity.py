@@ -311,6 +311,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--schemes", default="central",
+                    help="comma list of central, central4 (central4 also scores +-2 eps z, which gives central at "
+                         "2 eps for free)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -366,23 +369,33 @@ def main():
                                 console.print(cal.summary())
                                 for w in cal.warnings:
                                     console.print(f"[yellow]{w}")
+                            schemes = args.schemes.split(",")
                             for eps in ([] if args.calibrate_only else eps_list):
                                 t2 = time.perf_counter()
-                                est = np.empty(len(zs))
+                                steps = (1, 2) if "central4" in schemes else (1,)
+                                diffs = np.empty((len(zs), len(steps)))  # L(x + m eps z) - L(x - m eps z)
                                 for k, z in enumerate(zs):
-                                    dz = (eps * z).astype(np.float32)
-                                    session.set_params(x + dz)
-                                    lp = session.score(plan).loss
-                                    session.set_params(x - dz)
-                                    lm = session.score(plan).loss
-                                    est[k] = (lp - lm) / (2 * eps)
+                                    for j, m in enumerate(steps):
+                                        dz = (m * eps * z).astype(np.float32)
+                                        session.set_params(x + dz)
+                                        lp = session.score(plan).loss
+                                        session.set_params(x - dz)
+                                        diffs[k, j] = lp - session.score(plan).loss
                                 session.set_params(x)
-                                r, sign, med, nrmse = stats(est, exact)
-                                row = Row(args.model, kind, setting, eps, r, sign, med, nrmse, len(zs),
-                                          time.perf_counter() - t2)
-                                rows.append(row)
-                                console.print(f"{kind:7s} {setting:40s} eps={eps:<7g} r={r:.4f} sign={sign:.1%} "
-                                              f"med_rel={med:.3f} nrmse={nrmse:.3f} ({row.seconds:.0f} s)")
+                                seconds = time.perf_counter() - t2
+                                # the estimator's formulas (ggfwd/estimator.py)
+                                found = [("central", eps, diffs[:, 0] / (2 * eps))]
+                                if len(steps) == 2:
+                                    found.append(("central", 2 * eps, diffs[:, 1] / (4 * eps)))
+                                    found.append(("central4", eps, (8 * diffs[:, 0] - diffs[:, 1]) / (12 * eps)))
+                                for scheme, at, est in found:
+                                    r, sign, med, nrmse = stats(est, exact)
+                                    name = setting + ("" if scheme == "central" else f" {scheme}")
+                                    row = Row(args.model, kind, name, at, r, sign, med, nrmse, len(zs), seconds)
+                                    rows.append(row)
+                                    console.print(f"{kind:7s} {name:40s} eps={at:<7g} r={r:.4f} "
+                                                  f"sign={sign:.1%} med_rel={med:.3f} nrmse={nrmse:.3f} "
+                                                  f"({row.seconds:.0f} s)")
                 session.close()
         del ref
 
