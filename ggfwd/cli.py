@@ -27,10 +27,11 @@ def _register() -> None:
     from .commands import eval_command
 
     app.command("eval", help="Score a model (and optional adapter) on a dataset: accuracy, loss, tokens/s.")(eval_command)
-    from .train_cli import plot_command, train_command
+    from .train_cli import calibrate_command, plot_command, train_command
 
     app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
                               "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
+    app.command("calibrate", help="Measure the loss noise floor and curvature on one batch and choose eps.")(calibrate_command)
     app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
     from .convert.commands import convert_command, export_command
 

@@ -1,23 +1,28 @@
-"""`ggfwd train` and `ggfwd plot`.
+"""`ggfwd train`, `ggfwd calibrate` and `ggfwd plot`.
 
 `ggfwd train` with no arguments runs the demo: Gemma-3-270M Q4_K_M, a fresh rank-8 LoRA on attn_q/attn_v,
-SST-2 train sentences for training and the first 256 dev rows for evaluation.
+SST-2 train sentences for training and the first 256 dev rows for evaluation. `ggfwd calibrate` measures the
+loss noise floor and curvature on one batch and reports the eps it would choose (`ggfwd.calibration`);
+`ggfwd train --calibrate` does the same on the run's first batch and trains with that eps.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import TextColumn
 
 from .errors import UserError
+from .estimator import passes_per_step
 from .progress import progress_bar
-from .trainer import TrainConfig, read_metrics, read_state
+from .trainer import TrainConfig, batch_indices, read_metrics, read_state
 
 err = Console(stderr=True)
 
@@ -49,6 +54,7 @@ def train_command(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Choose eps by measuring noise floor and curvature on the first batch (central scheme); the run keeps it."),
     directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each with --scheme central)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd (momentum)."),
@@ -83,6 +89,8 @@ def train_command(
     given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
     if isinstance(given.get("layers"), str):
         given["layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(",") if x.strip()]
+    if calibrate and (resume or eps is not None):
+        raise UserError("--calibrate chooses eps for a new run: it excludes --eps and --resume")
     if resume:
         if out is None:
             raise UserError("--resume needs --out RUNDIR")
@@ -112,6 +120,8 @@ def train_command(
         defaults = {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]} if demo else {}
         config = TrainConfig(**{**asdict(TrainConfig()), **defaults, **given})
         config.check()
+        if calibrate and config.scheme != "central":
+            raise UserError(f"--calibrate models central differences; with --scheme {config.scheme} give --eps")
         if meta["eval_data"] and not Path(meta["eval_data"]).is_file():
             raise UserError(f"evaluation data file not found: {meta['eval_data']}")
         out = out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -132,11 +142,85 @@ def train_command(
         if init is None:
             init = LoraAdapter.create(session.base, [t.strip() for t in meta["targets"].split(",") if t.strip()],
                                       rank=meta["rank"], alpha=meta["alpha"], seed=config.seed)
+        if calibrate:
+            plan = session.plan(train_data.subset(batch_indices(config.seed, 0, len(train_data), config.batch_size)))
+            cal = _calibrate(session, init, plan, config)
+            config.eps, meta["calibration"] = cal.eps, cal.as_dict()
+            err.print(f"training with the calibrated eps {cal.eps:g}")
         out.mkdir(parents=True, exist_ok=True)  # only once the data and model have been accepted
         trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, meta=meta)
         if resume:
             trainer.resume()
         _run_live(trainer, out)
+
+
+def _calibrate(session, adapter, plan, config: TrainConfig, directions: int = 4, candidates=None):
+    """Run `ggfwd.calibration.calibrate_eps` on `plan` around `adapter` with the run's directions, showing
+    progress and the measured table on stderr. A loss that does not respond is an error."""
+    from .calibration import DEFAULT_CANDIDATES, calibrate_eps
+    from .perturbation import Perturbations
+
+    pert = Perturbations(adapter, config.seed, config.distribution, config.part, config.layers, config.scaling)
+    candidates = candidates or DEFAULT_CANDIDATES
+    with progress_bar(err) as bar:
+        job = bar.add_task("calibrating eps", total=1 + 2 * directions * len(candidates))
+        cal = calibrate_eps(session, plan, adapter, pert, candidates, n_directions=directions,
+                            on_eval=lambda done, total: bar.update(job, completed=done))
+    err.print(cal.table())
+    err.print(cal.summary())
+    for w in cal.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    if not np.isfinite(cal.predicted_rel_error):
+        raise UserError("calibration failed: the loss did not respond to any perturbation of the adapter")
+    return cal
+
+
+def calibrate_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="LoRA adapter GGUF to calibrate at (default: a fresh one)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE TSV (default: SST-2 train); its first --batch-size rows are scored."),
+    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per evaluation."),
+    directions: int = typer.Option(4, min=1, help="Random directions to measure along."),
+    candidates: str = typer.Option("0.001,0.003,0.01,0.03,0.1,0.3", help="Comma-separated eps values to measure (at least 3)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the directions (and of a fresh adapter)."),
+    distribution: str = typer.Option("gaussian", help="gaussian or rademacher directions."),
+    part: str = typer.Option("b", help="Perturbed part: b, a or all."),
+    scaling: str = typer.Option("tensor", help="tensor (per-tensor scaled) or unit directions."),
+    rank: int = typer.Option(8, help="Rank of a fresh adapter."),
+    alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),
+    targets: str = typer.Option("attn_q,attn_v", help="Comma-separated weight patterns for a fresh adapter."),
+    max_tokens: int = typer.Option(128, help="Longest example in tokens."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+):
+    from .adapter import LoraAdapter
+    from .demo import demo_model, sst2_dir
+    from .session import Session
+    from .tasks import load_examples, load_task, tokenize_examples
+
+    try:
+        values = tuple(float(x) for x in candidates.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--candidates must be comma-separated numbers, got '{candidates}'") from None
+    if len(values) < 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--candidates needs at least three positive eps values, got '{candidates}'")
+    config = TrainConfig(seed=seed, distribution=distribution, part=part, scaling=scaling, batch_size=batch_size)
+    the_task = load_task(task)
+    examples = load_examples(data or sst2_dir() / "train.tsv", the_task, batch_size)
+    init = LoraAdapter.load(adapter) if adapter else None
+    with Session(model or demo_model(), verbose=verbose,
+                 **_session_settings(batch_size, max_tokens, threads, the_task.kind)) as session:
+        tokenized = tokenize_examples(examples, the_task, session.tokenize, session.detokenize, max_tokens)
+        if init is None:
+            init = LoraAdapter.create(session.base, [t.strip() for t in targets.split(",") if t.strip()],
+                                      rank=rank, alpha=alpha, seed=seed)
+        cal = _calibrate(session, init, session.plan(tokenized), config, directions, values)
+    if as_json:
+        print(json.dumps(cal.as_dict()))
+    else:
+        Console().print(f"eps {cal.eps:g}: use it with ggfwd train --eps {cal.eps:g} (or ggfwd train --calibrate)")
 
 
 def _run_live(trainer, out: Path) -> None:
@@ -146,7 +230,8 @@ def _run_live(trainer, out: Path) -> None:
     for r in _previous_metrics(out):
         _note(state, r)
     err.print(f"[bold]ggfwd train[/] -> {out}  ({len(trainer.train_data)} training examples, "
-              f"{trainer.perturbations.n} trained values, {c.directions} direction(s) x 2 passes per step)")
+              f"{trainer.perturbations.n} trained values, {c.directions} direction(s), "
+              f"{passes_per_step(c.scheme, c.directions)} forward passes per step, eps {c.eps:g})")
     with progress_bar(err, False, info) as bar:
         job = bar.add_task("training", total=c.steps, completed=k.step, info="")
 

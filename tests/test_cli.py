@@ -84,9 +84,9 @@ def test_unknown_task(tiny_model, data):
 
 
 def test_help_everywhere():
-    for args in ([], ["eval"]):
+    for args in ([], ["eval"], ["train"], ["calibrate"], ["plot"], ["convert"], ["export"]):
         r = run(*args, "--help")
-        assert r.returncode == 0 and "Usage" in r.stdout
+        assert r.returncode == 0 and "Usage" in r.stdout, args
 
 
 def test_train_on_bad_data_leaves_no_run_folder(tiny_model, data, tmp_path):

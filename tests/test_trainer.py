@@ -180,3 +180,35 @@ def test_plot_writes_a_png(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     png = (tmp_path / "run" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_calibrate_command_and_train_with_the_calibrated_eps(tiny, tmp_path):
+    common = ["--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"], "--threads", 1,
+              "--max-tokens", 64, "--rank", 4, "--alpha", 8]
+    r = cli("calibrate", *common, "--batch-size", 8, "--json")
+    assert r.returncode == 0, r.stderr
+    cal = json.loads(r.stdout)
+    assert 1e-3 <= cal["eps"] <= 0.3 and 0 < cal["predicted_rel_error"] < 0.3
+    assert cal["n_evaluations"] == 49 and len(cal["rows"]) == 6 and cal["noise_floor"] >= 0
+    assert "calibrating eps" in r.stderr and "predicted relative error" in r.stderr
+    run = tmp_path / "run"
+    r = cli("train", *common, "--calibrate", "--steps", 2, "--batch-size", 8, "--out", run)
+    assert r.returncode == 0, r.stderr
+    state = json.loads((run / "state.json").read_text())
+    chosen = state["meta"]["calibration"]["eps"]
+    assert state["config"]["eps"] == chosen and f"calibrated eps {chosen:g}" in r.stderr
+    assert [m["eps"] for m in read_metrics(run) if m["step"] > 0] == [chosen, chosen]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--calibrate", "--eps", "0.1"], "excludes --eps and --resume"),
+    (["train", "--calibrate", "--scheme", "forward", "--directions", "2"], "models central differences"),
+    (["calibrate", "--candidates", "0.1,x"], "must be comma-separated numbers"),
+    (["calibrate", "--candidates", "0.1,0.2"], "at least three positive eps values"),
+    (["calibrate", "--part", "c"], "perturbed part must be one of"),
+])
+def test_calibration_arguments_give_one_line_errors(tiny, tmp_path, args, message):
+    r = cli(*args, "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"],
+            *(["--out", tmp_path / "run"] if args[0] == "train" else []))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
