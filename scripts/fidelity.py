@@ -311,6 +311,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write every direction's exact and estimated derivative to this .npz file")
     ap.add_argument("--schemes", default="central",
                     help="comma list of central, central4 (central4 also scores +-2 eps z, which gives central at "
                          "2 eps for free)")
@@ -324,6 +326,7 @@ def main():
     examples = load_examples(SST2 / "dev.tsv", task, args.offset + args.batch)[args.offset:]
     eps_list = [float(e) for e in args.eps.split(",")]
     rows: list[Row] = []
+    saved: dict[str, np.ndarray] = {}
     for kind in args.types.split(","):
         path = gemma_file(kind) if args.model == "gemma" else tiny_file(kind)
         t0 = time.perf_counter()
@@ -393,9 +396,14 @@ def main():
                                     name = setting + ("" if scheme == "central" else f" {scheme}")
                                     row = Row(args.model, kind, name, at, r, sign, med, nrmse, len(zs), seconds)
                                     rows.append(row)
+                                    saved[f"{kind} {name} eps={at:g}"] = est
+                                    saved[f"{kind} {name} exact"] = exact
+                                    # how large the exact derivatives are where the sign came out wrong
+                                    miss = np.abs(exact[np.sign(est) != np.sign(exact)]) / np.sqrt((exact ** 2).mean())
                                     console.print(f"{kind:7s} {name:40s} eps={at:<7g} r={r:.4f} "
                                                   f"sign={sign:.1%} med_rel={med:.3f} nrmse={nrmse:.3f} "
-                                                  f"({row.seconds:.0f} s)")
+                                                  f"({row.seconds:.0f} s); wrong signs at |exact|/rms = "
+                                                  f"{', '.join(f'{m:.2f}' for m in np.sort(miss)) or '-'}")
                 session.close()
         del ref
 
@@ -409,6 +417,11 @@ def main():
         table.add_row(r.base, r.setting, f"{r.eps:g}", f"{r.r:.4f}", f"{r.sign:.1%}", f"{r.med_rel:.3f}",
                       f"{r.nrmse:.3f}", style=style)
     console.print(table)
+    if args.save:
+        tmp = args.save.with_name(args.save.name + ".tmp.npz")
+        np.savez(tmp, **saved)
+        os.replace(tmp, args.save)
+        console.print(f"per-direction derivatives: {args.save}")
 
 
 if __name__ == "__main__":
