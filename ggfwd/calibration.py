@@ -11,7 +11,7 @@ sources then pull `eps` in opposite directions:
 - curvature: `D(eps) = (L(x + eps z) - L(x - eps z)) / 2 = g eps + c eps^3 + q eps^5 + ...`, so the
   estimate is biased by `c eps^2 + q eps^4`, which dominates at large eps.
 
-`calibrate_eps` measures both on the caller's own batch, adapter point and perturbation distribution: along a
+`calibrate_eps` measures both on the caller's own batches, adapter point and perturbation distribution: along a
 few directions it evaluates `D(eps)` at every candidate eps, fits the odd polynomial `g eps + c eps^3 +
 q eps^5` per direction by least squares (the noise on `D` does not depend on eps, so plain least squares is
 the right weighting), takes the residual spread as the noise floor and the fitted `c`, `q` as the curvature,
@@ -57,11 +57,12 @@ class Calibration:
     grad_rms: float  # RMS over directions of the fitted directional derivative g (about |grad L| for N(0,I))
     base_loss: float
     rows: list[EpsRow]
-    n_directions: int
+    n_directions: int  # over all batches
     n_evaluations: int
-    n_tokens: int  # tokens per evaluation
+    n_tokens: int  # tokens per evaluation (of the first batch)
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    n_batches: int = 1
     directional: np.ndarray = field(default=None, repr=False)  # fitted g per direction
     differences: np.ndarray = field(default=None, repr=False)  # D (n_directions, n_candidates)
 
@@ -81,6 +82,7 @@ class Calibration:
         return (f"eps {self.eps:.3g}: predicted relative error {self.predicted_rel_error:.1%} "
                 f"(r ~ {self.predicted_correlation:.3f}); noise floor {self.noise_floor:.2e}, "
                 f"curvature {self.curvature:.3g}, |g| ~ {self.grad_rms:.3g}, "
+                f"{self.n_directions} directions on {self.n_batches} batch{'es' if self.n_batches > 1 else ''}, "
                 f"{self.n_evaluations} evaluations in {self.seconds:.1f} s")
 
     def as_dict(self) -> dict:
@@ -88,7 +90,7 @@ class Calibration:
             "eps": self.eps, "predicted_rel_error": self.predicted_rel_error,
             "predicted_correlation": self.predicted_correlation, "noise_floor": self.noise_floor,
             "curvature": self.curvature, "grad_rms": self.grad_rms, "base_loss": self.base_loss,
-            "n_directions": self.n_directions, "n_evaluations": self.n_evaluations, "n_tokens": self.n_tokens,
+            "n_directions": self.n_directions, "n_batches": self.n_batches, "n_evaluations": self.n_evaluations, "n_tokens": self.n_tokens,
             "seconds": self.seconds, "warnings": list(self.warnings),
             "rows": [vars(r).copy() for r in self.rows],
         }
@@ -142,15 +144,21 @@ def predict_error(eps, sigma_d: float, coef: np.ndarray, powers) -> tuple[np.nda
     return noise, bias
 
 
-def calibrate_eps(session, plan, adapter, perturbations, candidates=DEFAULT_CANDIDATES, n_directions: int = 4,
+def calibrate_eps(session, plans, adapter, perturbations, candidates=DEFAULT_CANDIDATES, n_directions: int = 4,
                   step: int = 0, client: int = 0, on_eval: Callable[[int, int], None] | None = None) -> Calibration:
-    """Measure noise floor and curvature of the loss on `plan` around `adapter` and choose eps.
+    """Measure noise floor and curvature of the loss on `plans` around `adapter` and choose eps.
 
+    `plans` is one scoring plan (a batch) or a list of them: curvature differs between batches (about 2x
+    between two 16-row SST-2 batches on Gemma-3-270M), so several batches give an eps that suits the run
+    rather than one batch; each batch gets its own `n_directions` directions (indices b * n_directions + k).
     `perturbations` is anything with `.direction(step, client, index) -> float32 vector` over the adapter's
     parameters (ggfwd.perturbation.Perturbations), or a callable `index -> vector`. Costs
-    `1 + 2 * n_directions * len(candidates)` evaluations of the plan; the adapter values are restored at
+    `n_batches * (1 + 2 * n_directions * len(candidates))` evaluations; the adapter values are restored at
     the end. `on_eval(done, total)` is called after each evaluation (progress bars).
     """
+    plans = list(plans) if isinstance(plans, (list, tuple)) else [plans]
+    if not plans:
+        raise ValueError("calibration needs at least one batch")
     candidates = np.asarray(sorted(float(e) for e in candidates), dtype=np.float64)
     if candidates.size < 3 or np.any(candidates <= 0):
         raise ValueError("calibration needs at least three positive candidate eps values")
@@ -159,11 +167,11 @@ def calibrate_eps(session, plan, adapter, perturbations, candidates=DEFAULT_CAND
     direction = perturbations if callable(perturbations) and not hasattr(perturbations, "direction") \
         else (lambda k: perturbations.direction(step, client, k))
     x = adapter.params.astype(np.float32, copy=True)
-    total = 1 + 2 * n_directions * candidates.size
+    total = len(plans) * (1 + 2 * n_directions * candidates.size)
     done = 0
     start = time.perf_counter()
 
-    def loss_at(params) -> float:
+    def loss_at(plan, params) -> float:
         nonlocal done
         session.set_params(params)
         value = session.score(plan).loss
@@ -172,28 +180,32 @@ def calibrate_eps(session, plan, adapter, perturbations, candidates=DEFAULT_CAND
             on_eval(done, total)
         return value
 
+    n_rows = len(plans) * n_directions
+    plus, minus, base = np.zeros((n_rows, candidates.size)), np.zeros((n_rows, candidates.size)), np.zeros(n_rows)
     try:
         session.set_adapter(adapter)
-        base = loss_at(x)
-        plus = np.zeros((n_directions, candidates.size))
-        minus = np.zeros_like(plus)
-        for k in range(n_directions):
-            z = np.asarray(direction(k), dtype=np.float32)
-            if z.shape != x.shape:
-                raise ValueError(f"direction has shape {z.shape}, the adapter has {x.shape} parameters")
-            for i, e in enumerate(candidates):
-                plus[k, i] = loss_at((x + np.float32(e) * z).astype(np.float32))
-                minus[k, i] = loss_at((x - np.float32(e) * z).astype(np.float32))
+        for b, plan in enumerate(plans):
+            base[b * n_directions:(b + 1) * n_directions] = loss_at(plan, x)
+            for k in range(b * n_directions, (b + 1) * n_directions):
+                z = np.asarray(direction(k), dtype=np.float32)
+                if z.shape != x.shape:
+                    raise ValueError(f"direction has shape {z.shape}, the adapter has {x.shape} parameters")
+                for i, e in enumerate(candidates):
+                    plus[k, i] = loss_at(plan, (x + np.float32(e) * z).astype(np.float32))
+                    minus[k, i] = loss_at(plan, (x - np.float32(e) * z).astype(np.float32))
     finally:
         session.set_params(x)
     seconds = time.perf_counter() - start
-    return analyse(candidates, plus, minus, base, n_tokens=plan.n_tokens, seconds=seconds)
+    return analyse(candidates, plus, minus, base, n_tokens=plans[0].n_tokens, seconds=seconds,
+                   n_batches=len(plans))
 
 
-def analyse(candidates, plus: np.ndarray, minus: np.ndarray, base: float, n_tokens: int = 0,
-            seconds: float = 0.0) -> Calibration:
-    """The calibration from measured losses: plus/minus (n_directions, n_candidates) at x +- eps z."""
+def analyse(candidates, plus: np.ndarray, minus: np.ndarray, base, n_tokens: int = 0,
+            seconds: float = 0.0, n_batches: int = 1) -> Calibration:
+    """The calibration from measured losses: plus/minus (n_directions, n_candidates) at x +- eps z; `base` is
+    the unperturbed loss, one number or one per direction (its batch's)."""
     candidates = np.asarray(candidates, dtype=np.float64)
+    base = np.broadcast_to(np.asarray(base, dtype=np.float64).reshape(-1, 1), (plus.shape[0], 1))
     d = (plus - minus) / 2.0
     n_dir = d.shape[0]
     warnings: list[str] = []
@@ -209,7 +221,7 @@ def analyse(candidates, plus: np.ndarray, minus: np.ndarray, base: float, n_toke
     g = coef[:, 0]
     g_rms = float(np.sqrt((g ** 2).mean()))
     c_rms = float(np.sqrt((coef[:, 1] ** 2).mean())) if len(powers) > 1 else 0.0
-    unchanged = ((plus == base) | (minus == base)).mean(axis=0)
+    unchanged = ((plus == base) | (minus == base)).mean(axis=0)  # base broadcasts per direction
     estimates = d / candidates[None, :]  # central differences (n_dir, n_eps)
     rows = []
     noise, bias = predict_error(candidates, sigma_d, coef, powers)
@@ -245,6 +257,6 @@ def analyse(candidates, plus: np.ndarray, minus: np.ndarray, base: float, n_toke
         warnings.append("fewer than 3 directions: the noise and curvature estimates are rough")
     sigma = sigma_d * math.sqrt(2.0)  # D is a half-difference of two evaluations
     return Calibration(eps=chosen, predicted_rel_error=rel, noise_floor=sigma, curvature=c_rms, grad_rms=g_rms,
-                       base_loss=float(base), rows=rows, n_directions=n_dir,
-                       n_evaluations=1 + plus.size + minus.size, n_tokens=int(n_tokens), seconds=seconds,
+                       base_loss=float(base.mean()), rows=rows, n_directions=n_dir, n_batches=n_batches,
+                       n_evaluations=n_batches + plus.size + minus.size, n_tokens=int(n_tokens), seconds=seconds,
                        warnings=warnings, directional=g, differences=d)

@@ -31,7 +31,7 @@ def _register() -> None:
 
     app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
                               "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
-    app.command("calibrate", help="Measure the loss noise floor and curvature on one batch and choose eps.")(calibrate_command)
+    app.command("calibrate", help="Measure the loss noise floor and curvature on two batches and choose eps.")(calibrate_command)
     app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
     from .convert.commands import convert_command, export_command
 

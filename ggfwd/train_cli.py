@@ -2,8 +2,8 @@
 
 `ggfwd train` with no arguments runs the demo: Gemma-3-270M Q4_K_M, a fresh rank-8 LoRA on attn_q/attn_v,
 SST-2 train sentences for training and the first 256 dev rows for evaluation. `ggfwd calibrate` measures the
-loss noise floor and curvature on one batch and reports the eps it would choose (`ggfwd.calibration`);
-`ggfwd train --calibrate` does the same on the run's first batch and trains with that eps.
+loss noise floor and curvature on two batches and reports the eps it would choose (`ggfwd.calibration`);
+`ggfwd train --calibrate` does the same on the run's first two batches and trains with that eps.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ err = Console(stderr=True)
 
 # Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see README "Training").
 DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
+CALIBRATION_BATCHES = 2  # train --calibrate measures on the run's first two batches
 
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
 _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
@@ -54,7 +55,7 @@ def train_command(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Choose eps by measuring noise floor and curvature on the first batch (central scheme); the run keeps it."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Choose eps by measuring noise floor and curvature on the first two batches (central scheme); the run keeps it."),
     directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each with --scheme central)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd (momentum)."),
@@ -143,8 +144,9 @@ def train_command(
             init = LoraAdapter.create(session.base, [t.strip() for t in meta["targets"].split(",") if t.strip()],
                                       rank=meta["rank"], alpha=meta["alpha"], seed=config.seed)
         if calibrate:
-            plan = session.plan(train_data.subset(batch_indices(config.seed, 0, len(train_data), config.batch_size)))
-            cal = _calibrate(session, init, plan, config)
+            plans = [session.plan(train_data.subset(batch_indices(config.seed, step, len(train_data), config.batch_size)))
+                     for step in range(CALIBRATION_BATCHES)]
+            cal = _calibrate(session, init, plans, config)
             config.eps, meta["calibration"] = cal.eps, cal.as_dict()
             err.print(f"training with the calibrated eps {cal.eps:g}")
         out.mkdir(parents=True, exist_ok=True)  # only once the data and model have been accepted
@@ -154,8 +156,8 @@ def train_command(
         _run_live(trainer, out)
 
 
-def _calibrate(session, adapter, plan, config: TrainConfig, directions: int = 4, candidates=None):
-    """Run `ggfwd.calibration.calibrate_eps` on `plan` around `adapter` with the run's directions, showing
+def _calibrate(session, adapter, plans, config: TrainConfig, directions: int = 4, candidates=None):
+    """Run `ggfwd.calibration.calibrate_eps` on `plans` around `adapter` with the run's directions, showing
     progress and the measured table on stderr. A loss that does not respond is an error."""
     from .calibration import DEFAULT_CANDIDATES, calibrate_eps
     from .perturbation import Perturbations
@@ -163,8 +165,8 @@ def _calibrate(session, adapter, plan, config: TrainConfig, directions: int = 4,
     pert = Perturbations(adapter, config.seed, config.distribution, config.part, config.layers, config.scaling)
     candidates = candidates or DEFAULT_CANDIDATES
     with progress_bar(err) as bar:
-        job = bar.add_task("calibrating eps", total=1 + 2 * directions * len(candidates))
-        cal = calibrate_eps(session, plan, adapter, pert, candidates, n_directions=directions,
+        job = bar.add_task("calibrating eps", total=len(plans) * (1 + 2 * directions * len(candidates)))
+        cal = calibrate_eps(session, plans, adapter, pert, candidates, n_directions=directions,
                             on_eval=lambda done, total: bar.update(job, completed=done))
     err.print(cal.table())
     err.print(cal.summary())
@@ -178,10 +180,11 @@ def _calibrate(session, adapter, plan, config: TrainConfig, directions: int = 4,
 def calibrate_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="LoRA adapter GGUF to calibrate at (default: a fresh one)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE TSV (default: SST-2 train); its first --batch-size rows are scored."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE TSV (default: SST-2 train); its first --batches x --batch-size rows are scored."),
     task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per evaluation."),
-    directions: int = typer.Option(4, min=1, help="Random directions to measure along."),
+    batches: int = typer.Option(2, min=1, help="Batches to measure on (curvature differs between batches)."),
+    directions: int = typer.Option(4, min=1, help="Random directions to measure along, per batch."),
     candidates: str = typer.Option("0.001,0.003,0.01,0.03,0.1,0.3", help="Comma-separated eps values to measure (at least 3)."),
     seed: int = typer.Option(0, min=0, help="Seed of the directions (and of a fresh adapter)."),
     distribution: str = typer.Option("gaussian", help="gaussian or rademacher directions."),
@@ -208,7 +211,10 @@ def calibrate_command(
         raise UserError(f"--candidates needs at least three positive eps values, got '{candidates}'")
     config = TrainConfig(seed=seed, distribution=distribution, part=part, scaling=scaling, batch_size=batch_size)
     the_task = load_task(task)
-    examples = load_examples(data or sst2_dir() / "train.tsv", the_task, batch_size)
+    examples = load_examples(data or sst2_dir() / "train.tsv", the_task, batches * batch_size)
+    if len(examples) < batches * batch_size:
+        raise UserError(f"--batches {batches} x --batch-size {batch_size} needs {batches * batch_size} rows; "
+                        f"the data has {len(examples)}")
     init = LoraAdapter.load(adapter) if adapter else None
     with Session(model or demo_model(), verbose=verbose,
                  **_session_settings(batch_size, max_tokens, threads, the_task.kind)) as session:
@@ -216,7 +222,8 @@ def calibrate_command(
         if init is None:
             init = LoraAdapter.create(session.base, [t.strip() for t in targets.split(",") if t.strip()],
                                       rank=rank, alpha=alpha, seed=seed)
-        cal = _calibrate(session, init, session.plan(tokenized), config, directions, values)
+        plans = [session.plan(tokenized.subset(range(b * batch_size, (b + 1) * batch_size))) for b in range(batches)]
+        cal = _calibrate(session, init, plans, config, directions, values)
     if as_json:
         print(json.dumps(cal.as_dict()))
     else:

@@ -158,6 +158,26 @@ def test_chosen_eps_on_f32_matches_the_exact_derivative(tiny):
     session.close()
 
 
+def test_several_batches_pool_their_directions(tiny):
+    session, plan, data, adapter = setup(tiny, kv_f32=True)
+    halves = [session.plan(data.subset(range(0, 4))), session.plan(data.subset(range(4, 8)))]
+    base = [session.score(h).loss for h in halves]
+    assert base[0] != base[1]
+    pert = Perturbations(adapter, seed=11, part="b")
+    seen = []
+    one = calibrate_eps(session, halves[:1], adapter, pert, candidates=CANDIDATES, n_directions=2)
+    two = calibrate_eps(session, halves, adapter, pert, candidates=CANDIDATES, n_directions=2,
+                        on_eval=lambda done, total: seen.append((done, total)))
+    assert (two.n_batches, two.n_directions, two.n_evaluations) == (2, 4, 2 * (1 + 2 * 2 * len(CANDIDATES)))
+    assert seen[-1] == (two.n_evaluations, two.n_evaluations)
+    assert two.base_loss == pytest.approx(np.mean(base))
+    # the first batch's directions are the one-batch run's (same indices), the second batch's are new
+    assert np.array_equal(two.differences[:2], one.differences)
+    assert not np.allclose(two.differences[2:], one.differences)
+    assert np.isfinite(two.predicted_rel_error) and CANDIDATES[0] <= two.eps <= CANDIDATES[-1]
+    session.close()
+
+
 def test_noise_floor_is_higher_for_reduced_precision_weights(tiny):
     floors = {}
     for key in ("model", "f16", "q8_0"):

@@ -189,7 +189,9 @@ def test_calibrate_command_and_train_with_the_calibrated_eps(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     cal = json.loads(r.stdout)
     assert 1e-3 <= cal["eps"] <= 0.3 and 0 < cal["predicted_rel_error"] < 0.3
-    assert cal["n_evaluations"] == 49 and len(cal["rows"]) == 6 and cal["noise_floor"] >= 0
+    # two batches of 8 rows by default, 4 directions each: 2 x (1 + 2 x 4 x 6) evaluations
+    assert cal["n_batches"] == 2 and cal["n_directions"] == 8 and cal["n_evaluations"] == 98
+    assert len(cal["rows"]) == 6 and cal["noise_floor"] >= 0
     assert "calibrating eps" in r.stderr and "predicted relative error" in r.stderr
     run = tmp_path / "run"
     r = cli("train", *common, "--calibrate", "--steps", 2, "--batch-size", 8, "--out", run)
@@ -197,6 +199,7 @@ def test_calibrate_command_and_train_with_the_calibrated_eps(tiny, tmp_path):
     state = json.loads((run / "state.json").read_text())
     chosen = state["meta"]["calibration"]["eps"]
     assert state["config"]["eps"] == chosen and f"calibrated eps {chosen:g}" in r.stderr
+    assert state["meta"]["calibration"]["n_batches"] == 2
     assert [m["eps"] for m in read_metrics(run) if m["step"] > 0] == [chosen, chosen]
 
 
@@ -206,6 +209,7 @@ def test_calibrate_command_and_train_with_the_calibrated_eps(tiny, tmp_path):
     (["calibrate", "--candidates", "0.1,x"], "must be comma-separated numbers"),
     (["calibrate", "--candidates", "0.1,0.2"], "at least three positive eps values"),
     (["calibrate", "--part", "c"], "perturbed part must be one of"),
+    (["calibrate", "--batches", "5", "--batch-size", "16"], "needs 80 rows; the data has 64"),
 ])
 def test_calibration_arguments_give_one_line_errors(tiny, tmp_path, args, message):
     r = cli(*args, "--model", tiny["model"], "--task", tiny["task"], "--data", tiny["train"],
