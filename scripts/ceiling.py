@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""How far can the adapter go at all? Backpropagation on ggfwd's own LoRA parameterization, as a reference.
+
+Trains the same fresh adapter that `ggfwd train` starts from (same targets, rank, alpha, seeded A, B = 0) with
+exact gradients (PyTorch autograd, Adam) on the Gemma-3-270M weights dequantized from the Q4_K_M GGUF, on the
+same SST-2 batches (`ggfwd.trainer.batch_indices`), and reports dev accuracy in fp32 PyTorch along the way.
+The final adapter is written as a llama.cpp adapter GGUF and scored through llama.cpp on the Q4_K_M base,
+like any `ggfwd train` result. With `--part b` (ggfwd's default: A frozen) this is the accuracy a perfect
+gradient estimator could reach in the same adapter; `--part all` and wider `--targets` show what a larger
+adapter would add. Torch is used only here, never on the training path.
+
+    python scripts/ceiling.py --steps 250 --part b --targets attn_q,attn_v --min-words 10
+    python scripts/ceiling.py --steps 250 --part all --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+
+def batches(data, size):
+    """Right-padded token ids, attention mask, scored position and label of each chunk of `data`."""
+    import torch
+
+    for i in range(0, len(data), size):
+        exs = data.examples[i:i + size]
+        n = max(len(e.tokens) for e in exs)
+        ids = torch.zeros((len(exs), n), dtype=torch.long)
+        mask = torch.zeros((len(exs), n), dtype=torch.long)
+        for j, e in enumerate(exs):
+            ids[j, :len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
+            mask[j, :len(e.tokens)] = 1
+        yield ids, mask, torch.tensor([int(e.positions[0]) for e in exs]), torch.tensor([int(e.targets[0]) for e in exs])
+
+
+def class_logits(model, classes, ids, mask, last):
+    """Verbalizer logits at the scored position only (Gemma's output layer has 262k rows)."""
+    import torch
+
+    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.arange(len(ids)), last]
+    z = h @ model.lm_head.weight[classes].T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+def torch_eval(model, classes, data) -> tuple[float, float]:
+    import torch
+
+    losses, correct = [], []
+    with torch.no_grad():
+        for ids, mask, last, y in batches(data, 16):
+            z = class_logits(model, classes, ids, mask, last).double()
+            losses.append(torch.nn.functional.cross_entropy(z, y, reduction="none"))
+            correct.append(z.argmax(1) == y)
+    return float(torch.cat(correct).double().mean()), float(torch.cat(losses).mean())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument("--part", choices=["b", "all"], default="b", help="train B only (A frozen, as ggfwd) or A and B")
+    ap.add_argument("--targets", default="attn_q,attn_v")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-limit", type=int, default=4000)
+    ap.add_argument("--min-words", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=50, help="steps between fp32 evaluations on the dev rows")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N dev rows (default: all 872)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("ceiling-adapter.gguf"), help="adapter GGUF to write")
+    args = ap.parse_args()
+
+    import fidelity
+    import torch
+
+    from ggfwd.adapter import LoraAdapter
+    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.session import Session
+    from ggfwd.tasks import load_examples, load_task, tokenize_examples
+    from ggfwd.trainer import batch_indices
+
+    torch.manual_seed(args.seed)
+    path, task = demo_model(), load_task("sst2")
+    with Session(path, n_threads=args.threads, max_seqs=16, seq_tokens=128) as s:
+        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
+        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit, args.min_words))
+        dev = tok(load_examples(sst2_dir() / "dev.tsv", task, args.eval_limit))
+        adapter = LoraAdapter.create(s.base, targets=args.targets.split(","), rank=args.rank, seed=args.seed)
+    ref = fidelity.TorchHF(path)  # the dequantized weights, LoRA forward hooks on every projection
+    torch.set_num_threads(args.threads)
+    model, classes = ref.model, torch.as_tensor(train.classes, dtype=torch.long)
+    tensors = {n: (torch.tensor(adapter.a[n], requires_grad=args.part == "all"),
+                   torch.tensor(adapter.b[n], requires_grad=True)) for n in adapter.targets}
+    ref.lora, ref.scale = tensors, adapter.scale
+    trained = [t for pair in tensors.values() for t in pair if t.requires_grad]
+    opt = torch.optim.Adam(trained, lr=args.lr)
+    n_values = sum(t.numel() for t in trained)
+    print(f"ceiling: {len(adapter.targets)} tensors ({args.targets}), rank {args.rank}, part {args.part}: "
+          f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, Adam lr {args.lr}", flush=True)
+
+    curve, start = [], time.perf_counter()
+
+    def evaluate(step):
+        acc, loss = torch_eval(model, classes, dev)
+        curve.append({"step": step, "examples": step * args.batch_size, "torch_accuracy": acc, "torch_loss": loss,
+                      "seconds": round(time.perf_counter() - start, 1)})
+        print(json.dumps(curve[-1]), flush=True)
+
+    evaluate(0)
+    for step in range(args.steps):
+        idx = batch_indices(args.seed, step, len(train), args.batch_size)
+        sub = type(train)(train.task, [train.examples[i] for i in idx], train.classes)
+        (ids, mask, last, y), = batches(sub, len(idx))
+        loss = torch.nn.functional.cross_entropy(class_logits(model, classes, ids, mask, last).double(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            evaluate(step + 1)
+
+    for name, (a, b) in tensors.items():
+        adapter.a[name][...] = a.detach().numpy()
+        adapter.b[name][...] = b.detach().numpy()
+    adapter.save(args.out)
+    with Session(path, n_threads=args.threads, max_seqs=16, seq_tokens=128) as s:
+        s.set_adapter(adapter)
+        scores = s.score(s.plan(dev))
+    result = {"llama_cpp_q4_k_m_accuracy": scores.accuracy, "llama_cpp_q4_k_m_loss": scores.loss,
+              "adapter": str(args.out), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
