@@ -90,7 +90,8 @@ class Calibration:
             "eps": self.eps, "predicted_rel_error": self.predicted_rel_error,
             "predicted_correlation": self.predicted_correlation, "noise_floor": self.noise_floor,
             "curvature": self.curvature, "grad_rms": self.grad_rms, "base_loss": self.base_loss,
-            "n_directions": self.n_directions, "n_batches": self.n_batches, "n_evaluations": self.n_evaluations, "n_tokens": self.n_tokens,
+            "n_directions": self.n_directions, "n_batches": self.n_batches, "n_evaluations": self.n_evaluations,
+            "n_tokens": self.n_tokens,
             "seconds": self.seconds, "warnings": list(self.warnings),
             "rows": [vars(r).copy() for r in self.rows],
         }

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from ggfwd.estimator import passes_per_step  # noqa: E402
@@ -81,40 +82,27 @@ class TorchSession:
         self.buf[...] = params
 
     def plan(self, data):
-        torch = self.torch
-        chunks = []
-        for i in range(0, len(data), 16):
-            exs = data.examples[i:i + 16]
-            n = max(len(e.tokens) for e in exs)
-            ids = torch.zeros((len(exs), n), dtype=torch.long)
-            mask = torch.zeros((len(exs), n), dtype=torch.long)
-            for j, e in enumerate(exs):
-                ids[j, :len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
-                mask[j, :len(e.tokens)] = 1
-            last = torch.tensor([int(e.positions[0]) for e in exs])
-            target = np.array([int(e.targets[0]) for e in exs])
-            chunks.append((ids, mask, last, target, sum(len(e.tokens) for e in exs)))
-        return (data, chunks)
+        from fidelity import padded_batches
+
+        return (data, list(padded_batches(data.examples, 16)))
 
     def score(self, plan):
+        from fidelity import class_logits
+
         from ggfwd.session import Scores
 
         torch = self.torch
         data, chunks = plan
         classes = torch.from_numpy(data.classes.astype(np.int64))
-        w = self.model.lm_head.weight[classes]  # (C, d)
         losses, correct, tokens = [], [], 0
         with torch.no_grad():
-            for ids, mask, last, target, n in chunks:
-                h = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                z = (h[torch.arange(len(ids)), last] @ w.T).double().numpy()
-                cap = getattr(self.model.config, "final_logit_softcapping", None)
-                if cap:
-                    z = np.tanh(z / cap) * cap
+            for ids, mask, last, target in chunks:
+                z = class_logits(self.model, classes, ids, mask, last).double().numpy()
+                target = target.numpy()
                 lse = np.logaddexp.reduce(z, axis=1)
                 losses.append(lse - z[np.arange(len(z)), target])
                 correct.append(z.argmax(1) == target)
-                tokens += n
+                tokens += int(mask.sum())
         return Scores(np.concatenate(losses), np.concatenate(correct), tokens)
 
 

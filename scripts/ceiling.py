@@ -29,38 +29,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 
-def batches(data, size):
-    """Right-padded token ids, attention mask, scored position and label of each chunk of `data`."""
-    import torch
-
-    for i in range(0, len(data), size):
-        exs = data.examples[i:i + size]
-        n = max(len(e.tokens) for e in exs)
-        ids = torch.zeros((len(exs), n), dtype=torch.long)
-        mask = torch.zeros((len(exs), n), dtype=torch.long)
-        for j, e in enumerate(exs):
-            ids[j, :len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
-            mask[j, :len(e.tokens)] = 1
-        yield ids, mask, torch.tensor([int(e.positions[0]) for e in exs]), torch.tensor([int(e.targets[0]) for e in exs])
-
-
-def class_logits(model, classes, ids, mask, last):
-    """Verbalizer logits at the scored position only (Gemma's output layer has 262k rows)."""
-    import torch
-
-    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.arange(len(ids)), last]
-    z = h @ model.lm_head.weight[classes].T
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(z / cap) * cap if cap else z
-
-
 def torch_eval(model, classes, data) -> tuple[float, float]:
+    import fidelity
     import torch
 
     losses, correct = [], []
     with torch.no_grad():
-        for ids, mask, last, y in batches(data, 16):
-            z = class_logits(model, classes, ids, mask, last).double()
+        for ids, mask, last, y in fidelity.padded_batches(data.examples, 16):
+            z = fidelity.class_logits(model, classes, ids, mask, last).double()
             losses.append(torch.nn.functional.cross_entropy(z, y, reduction="none"))
             correct.append(z.argmax(1) == y)
     return float(torch.cat(correct).double().mean()), float(torch.cat(losses).mean())
@@ -111,20 +87,18 @@ def main():
     print(f"ceiling: {len(adapter.targets)} tensors ({args.targets}), rank {args.rank}, part {args.part}: "
           f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, Adam lr {args.lr}", flush=True)
 
-    curve, start = [], time.perf_counter()
+    start = time.perf_counter()
 
     def evaluate(step):
         acc, loss = torch_eval(model, classes, dev)
-        curve.append({"step": step, "examples": step * args.batch_size, "torch_accuracy": acc, "torch_loss": loss,
-                      "seconds": round(time.perf_counter() - start, 1)})
-        print(json.dumps(curve[-1]), flush=True)
+        print(json.dumps({"step": step, "examples": step * args.batch_size, "torch_accuracy": acc,
+                          "torch_loss": loss, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
 
     evaluate(0)
     for step in range(args.steps):
-        idx = batch_indices(args.seed, step, len(train), args.batch_size)
-        sub = type(train)(train.task, [train.examples[i] for i in idx], train.classes)
-        (ids, mask, last, y), = batches(sub, len(idx))
-        loss = torch.nn.functional.cross_entropy(class_logits(model, classes, ids, mask, last).double(), y)
+        batch = train.subset(batch_indices(args.seed, step, len(train), args.batch_size)).examples
+        (ids, mask, last, y), = fidelity.padded_batches(batch, len(batch))
+        loss = torch.nn.functional.cross_entropy(fidelity.class_logits(model, classes, ids, mask, last).double(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

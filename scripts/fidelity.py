@@ -224,6 +224,33 @@ class TorchHF:
         return torch.float32
 
 
+def padded_batches(examples, size: int):
+    """Right-padded token ids, attention mask, scored position and label index of each chunk of `size`
+    classification examples (ggfwd.tasks.TokenizedExample), as torch tensors."""
+    import torch
+
+    for i in range(0, len(examples), size):
+        exs = examples[i:i + size]
+        ids = torch.zeros((len(exs), max(len(e.tokens) for e in exs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(exs):
+            ids[j, :len(e.tokens)] = torch.from_numpy(e.tokens.astype(np.int64))
+            mask[j, :len(e.tokens)] = 1
+        yield (ids, mask, torch.tensor([int(e.positions[0]) for e in exs]),
+               torch.tensor([int(e.targets[0]) for e in exs]))
+
+
+def class_logits(model, classes, ids, mask, last):
+    """Verbalizer logits of a transformers causal LM at the scored positions only (Gemma's output layer has
+    262k rows), with the model's final logit soft-capping if it has one."""
+    import torch
+
+    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.arange(len(ids)), last]
+    z = h @ model.lm_head.weight[classes].T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(z / cap) * cap if cap else z
+
+
 def torch_loss_and_grad(ref, data, adapter: LoraAdapter):
     """Mean SST-2 loss (cross-entropy over the verbalizer logits) and its exact gradient over adapter.params."""
     import torch
