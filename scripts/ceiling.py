@@ -6,10 +6,12 @@ exact gradients (PyTorch autograd, Adam) on the Gemma-3-270M weights dequantized
 same SST-2 batches (`ggfwd.trainer.batch_indices`), and reports dev accuracy in fp32 PyTorch along the way.
 The final adapter is written as a llama.cpp adapter GGUF and scored through llama.cpp on the Q4_K_M base,
 like any `ggfwd train` result. With `--part b` (ggfwd's default: A frozen) this is the accuracy a perfect
-gradient estimator could reach in the same adapter; `--part all` and wider `--targets` show what a larger
-adapter would add. Torch is used only here, never on the training path.
+gradient estimator could reach in the same adapter; `--optimizer sgd` takes the step ggfwd's SGD takes in
+expectation (lr in the same per-tensor units), i.e. ggfwd's mean path with the estimator's noise removed;
+`--part all` and wider `--targets` show what a larger adapter would add. Torch is used only here, never on the training path.
 
     python scripts/ceiling.py --steps 250 --part b --targets attn_q,attn_v --min-words 10
+    python scripts/ceiling.py --steps 150 --optimizer sgd --lr 0.02   # ggfwd's default step, without its noise
     python scripts/ceiling.py --steps 250 --part all --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
 """
 
@@ -22,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -46,7 +47,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="adam (lr in weight units), or plain SGD with lr in ggfwd's per-tensor units: the step "
+                         "`ggfwd train --optimizer sgd --lr LR` takes in expectation, without the estimator's noise")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--part", choices=["b", "all"], default="b", help="train B only (A frozen, as ggfwd) or A and B")
     ap.add_argument("--targets", default="attn_q,attn_v")
     ap.add_argument("--rank", type=int, default=8)
@@ -82,10 +86,21 @@ def main():
                    torch.tensor(adapter.b[n], requires_grad=True)) for n in adapter.targets}
     ref.lora, ref.scale = tensors, adapter.scale
     trained = [t for pair in tensors.values() for t in pair if t.requires_grad]
-    opt = torch.optim.Adam(trained, lr=args.lr)
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(trained, lr=args.lr)
+    else:
+        # ggfwd's SGD step is lr * s * (std * u) with s = g . (std * u), so in expectation lr * std^2 * g.
+        from ggfwd.perturbation import Perturbations
+        stds = Perturbations(adapter, seed=0, part=args.part).tensor_stds
+        groups = []
+        for name, (a, b) in tensors.items():
+            a_std, b_std = stds(adapter.shapes[name][1], adapter.rank, adapter.scale)
+            groups += [{"params": [t], "lr": args.lr * std ** 2} for t, std in ((a, a_std), (b, b_std))
+                       if t.requires_grad]
+        opt = torch.optim.SGD(groups, lr=args.lr)
     n_values = sum(t.numel() for t in trained)
     print(f"ceiling: {len(adapter.targets)} tensors ({args.targets}), rank {args.rank}, part {args.part}: "
-          f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, Adam lr {args.lr}", flush=True)
+          f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, {args.optimizer} lr {args.lr}", flush=True)
 
     start = time.perf_counter()
 
