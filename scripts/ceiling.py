@@ -8,7 +8,8 @@ The final adapter is written as a llama.cpp adapter GGUF and scored through llam
 like any `ggfwd train` result. With `--part b` (ggfwd's default: A frozen) this is the accuracy a perfect
 gradient estimator could reach in the same adapter; `--optimizer sgd` takes the step ggfwd's SGD takes in
 expectation (lr in the same per-tensor units), i.e. ggfwd's mean path with the estimator's noise removed;
-`--part all` and wider `--targets` show what a larger adapter would add. Torch is used only here, never on the training path.
+`--part all` and wider `--targets` show what a larger adapter would add. Torch is used only here, never on
+the training path.
 
     python scripts/ceiling.py --steps 250 --part b --targets attn_q,attn_v --min-words 10
     python scripts/ceiling.py --steps 150 --optimizer sgd --lr 0.02   # ggfwd's default step, without its noise
@@ -23,7 +24,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -100,7 +100,8 @@ def main():
         opt = torch.optim.SGD(groups, lr=args.lr)
     n_values = sum(t.numel() for t in trained)
     print(f"ceiling: {len(adapter.targets)} tensors ({args.targets}), rank {args.rank}, part {args.part}: "
-          f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, {args.optimizer} lr {args.lr}", flush=True)
+          f"{n_values} trained values; {len(train)} train rows, {len(dev)} dev rows, {args.optimizer} lr {args.lr}",
+          flush=True)
 
     start = time.perf_counter()
 
