@@ -1,4 +1,4 @@
-"""The `ggfwd convert` and `ggfwd export` commands (registered by ggfwd/cli.py)."""
+"""The `ggfwd convert` and `ggfwd export` commands (registered by ggfwd/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from ..cli.options import flag
 
 
 def convert_command(
@@ -20,10 +21,10 @@ def convert_command(
     targets: str = typer.Option("q,v", "--targets", help="Comma-separated LoRA targets: q, k, v, o, gate, up, "
                                 "down, or GGUF name patterns such as attn_output or blk.0.ffn_up."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random LoRA A matrices (B starts at zero)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = flag("--force", help="Replace an existing output directory."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for llama.cpp's quantizer "
                                           "(default: physical cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
 ) -> None:
     from rich.console import Console
 
@@ -61,7 +62,7 @@ def export_command(
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist unless --force)."),
     base: Optional[Path] = typer.Option(None, "--base", help="The base model GGUF, if the adapter's ggfwd.json "
                                         "cannot be found (needed to undo llama's q/k permutation)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = flag("--force", help="Replace an existing output directory."),
 ) -> None:
     from rich.console import Console
 

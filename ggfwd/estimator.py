@@ -51,7 +51,7 @@ class StepEstimate:
 
     step: int
     client: int
-    scalars: np.ndarray  # float64, one per direction
+    scalars: np.ndarray  # float32 (the wire type), one per direction
     loss: float  # estimate of L(theta) on the batch: mean of the perturbed losses, or L(theta) itself
     losses_plus: np.ndarray
     losses_minus: np.ndarray | None  # central only
@@ -95,10 +95,9 @@ class Estimator:
         self.session, self.perturbations = session, perturbations
         self.eps, self.directions, self.scheme, self.normalize = float(eps), int(directions), scheme, normalize
         n = perturbations.n
-        self._z = np.empty((self.directions, n), dtype=np.float32)
+        self._z = np.empty(n, dtype=np.float32)
         self._work = np.empty(perturbations.size, dtype=np.float32)
         self._base = np.empty(n, dtype=np.float32)
-        self._g = np.empty(n, dtype=np.float32)
 
     def _score(self, theta: np.ndarray, index: np.ndarray, delta: np.ndarray | None, plan):
         work = self._work
@@ -108,21 +107,25 @@ class Estimator:
         self.session.set_params(work)
         return self.session.score(plan)
 
-    def estimate(self, theta: np.ndarray, plan, step: int, client: int = 0) -> StepEstimate:
-        """Evaluate the step's directions around `theta` (full flat vector) on `plan`."""
+    def estimate(self, theta: np.ndarray, plan, step: int, client: int = 0,
+                 directions: int | None = None) -> StepEstimate:
+        """Evaluate the directions (client, step, 0..K-1) around `theta` (full flat vector) on `plan`; K is
+        `directions`, by default the estimator's own count."""
         p = self.perturbations
         idx, eps = p.index, self.eps
-        plus = np.zeros(self.directions)
+        n_dir = self.directions if directions is None else int(directions)
+        check_settings(eps, n_dir, self.scheme, self.normalize)
+        plus = np.zeros(n_dir)
         two_sided = self.scheme in ("central", "central4")
-        minus = np.zeros(self.directions) if two_sided else None
-        wide = np.zeros((2, self.directions)) if self.scheme == "central4" else None
+        minus = np.zeros(n_dir) if two_sided else None
+        wide = np.zeros((2, n_dir)) if self.scheme == "central4" else None
         loss_zero, accs, passes, tokens = None, [], 0, 0
         if self.scheme == "forward":
             s = self._score(theta, idx, None, plan)
             loss_zero, passes, tokens = s.loss, 1, s.n_tokens
             accs.append(s.accuracy)
-        for k in range(self.directions):
-            z = p.masked(step, client, k, out=self._z[k])
+        for k in range(n_dir):
+            z = p.masked(step, client, k, out=self._z)
             s = self._score(theta, idx, eps * z, plan)
             plus[k] = s.loss
             passes, tokens = passes + 1, tokens + s.n_tokens
@@ -152,40 +155,26 @@ class Estimator:
             diff, denom = plus - loss_zero, eps
             loss = float(loss_zero)
         else:  # centred
-            k = self.directions
+            k = n_dir
             diff, denom = (plus - plus.mean()) * (k / (k - 1)), eps
             loss = float(plus.mean())
         if self.normalize == "std" and finite:
             spread = float(np.std(losses if loss_zero is None else np.append(plus, loss_zero)))
             denom = denom / eps * spread if spread > 0 else np.inf
-        with np.errstate(invalid="ignore", over="ignore"):
-            scalars = diff / denom
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            scalars = (diff / denom).astype(np.float32)  # what a federated client sends
         acc = [a for a in accs if a is not None]
-        self._last = (step, client)
         return StepEstimate(step, client, scalars, loss, plus, minus, loss_zero,
                             float(np.mean(acc)) if acc else None, passes, tokens,
                             finite and bool(np.all(np.isfinite(scalars))), wide)
 
-    def gradient(self, est: StepEstimate) -> np.ndarray:
-        """The masked estimate of `est` in a reused buffer. Uses the directions still in memory when `est`
-        is the last estimate made; bitwise equal to `rebuild(perturbations, step, client, scalars)`."""
-        if getattr(self, "_last", None) != (est.step, est.client):
-            return rebuild(self.perturbations, est.step, est.client, est.scalars, out=self._g)
-        return _combine(self._z, est.scalars, self._g)
-
-
-def _combine(zs, scalars, out: np.ndarray) -> np.ndarray:
-    out[...] = 0
-    for z, s in zip(zs, scalars):
-        out += np.float32(s / len(scalars)) * z
-    return out
-
 
 def rebuild(perturbations: Perturbations, step: int, client: int, scalars, out: np.ndarray | None = None,
-            z: np.ndarray | None = None) -> np.ndarray:
-    """The masked estimate `mean_k s_k z_k` of one (step, client) from its seeds and scalars alone,
-    float32 of length `perturbations.n`."""
+            z: np.ndarray | None = None, weight: float | None = None) -> np.ndarray:
+    """The masked estimate `sum_k w s_k z_k` of one (step, client) from its seeds and scalars alone, float32 of
+    length `perturbations.n`; `w` is `weight`, by default 1 / (number of scalars), i.e. the client's mean."""
     scalars = np.asarray(scalars, dtype=np.float64)
+    weight = 1.0 / len(scalars) if weight is None else weight
     if out is None:
         out = np.empty(perturbations.n, dtype=np.float32)
     if z is None:
@@ -193,20 +182,56 @@ def rebuild(perturbations: Perturbations, step: int, client: int, scalars, out: 
     out[...] = 0
     for k, s in enumerate(scalars):
         perturbations.masked(step, client, k, out=z)
-        out += np.float32(s / len(scalars)) * z
+        out += np.float32(s * weight) * z
     return out
 
 
-def aggregate(perturbations: Perturbations, step: int, reports: list[tuple[int, np.ndarray]],
-              out: np.ndarray | None = None) -> np.ndarray:
-    """Average the estimates of several clients for one step, from (client, scalars) pairs."""
-    if not reports:
-        raise ValueError("no reports to aggregate")
+@dataclass
+class Aggregate:
+    """A round's combined estimate and how it was formed."""
+
+    gradient: np.ndarray | None  # over the masked coordinates; None when no report was usable
+    clients: int  # reports used
+    directions: int  # scalars used
+    clipped: int  # scalars clipped to the threshold
+    threshold: float  # |s| above this was clipped (inf: no clipping)
+
+
+def clip_threshold(reports, clip: float) -> float:
+    """`clip` x the median over clients of each client's median |s| (inf when `clip` is 0). A client's vote
+    counts once however many directions it sent, so one hostile client cannot move the threshold far."""
+    if not clip or not reports:
+        return float("inf")
+    medians = [float(np.median(np.abs(np.asarray(s, dtype=np.float64)))) for _, s in reports]
+    return clip * float(np.median(medians))
+
+
+def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.0,
+              out: np.ndarray | None = None) -> Aggregate:
+    """The round's estimate from (client, scalars) pairs: every direction weighs the same,
+    `g = sum_{c,k} s_ck z_ck / N` over the N scalars of all usable reports. With `clip` > 0 each scalar is
+    first limited to +-`clip_threshold` (an outlier or hostile client's scalars cannot exceed what honest
+    clients send). Reports with non-finite or no scalars are left out. One client's report gives its mean
+    `mean_k s_k z_k`: single-device training is the one-client case of this function.
+
+    The result is a pure function of the inputs, so the server and every client replaying the round get the
+    same bits."""
+    usable = [(int(c), np.asarray(s, dtype=np.float32)) for c, s in reports]
+    usable = [(c, s) for c, s in usable if s.size and np.all(np.isfinite(s))]
+    if not usable:
+        return Aggregate(None, 0, 0, 0, float("inf"))
+    threshold = clip_threshold(usable, clip)
+    n = sum(s.size for _, s in usable)
     total = np.zeros(perturbations.n, dtype=np.float32) if out is None else out
     total[...] = 0
-    part = np.empty(perturbations.n, dtype=np.float32)
     z = np.empty(perturbations.n, dtype=np.float32)
-    for client, scalars in reports:
-        total += rebuild(perturbations, step, client, scalars, out=part, z=z)
-    total /= len(reports)
-    return total
+    clipped = 0
+    for client, scalars in usable:
+        values = scalars.astype(np.float64)
+        if np.isfinite(threshold):
+            clipped += int(np.count_nonzero(np.abs(values) > threshold))
+            values = np.clip(values, -threshold, threshold)
+        for k, s in enumerate(values):
+            perturbations.masked(step, client, k, out=z)
+            total += np.float32(s / n) * z
+    return Aggregate(total, len(usable), n, clipped, threshold)

@@ -38,22 +38,28 @@ def lr_at(step: int, lr: float, schedule: str = "constant", warmup: int = 0, tot
     return lr * (final_fraction + (1 - final_fraction) * f)
 
 
+def check_settings(kind: str, lr: float, schedule: str = "constant", warmup: int = 0, momentum: float = 0.0,
+               weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999) -> None:
+    """Refuse settings no optimizer can run with (one line each), before anything is created."""
+    if kind not in OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{kind}'")
+    if schedule not in SCHEDULES:
+        raise UserError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"learning rate must be a positive number, got {lr}")
+    if warmup < 0:
+        raise UserError(f"warmup must be >= 0 steps, got {warmup}")
+    if not 0 <= momentum < 1 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
+        raise UserError("momentum and betas must lie in [0, 1)")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise UserError(f"weight decay must be >= 0, got {weight_decay}")
+
+
 class Optimizer:
     def __init__(self, n: int, kind: str = "adam", lr: float = 1e-3, schedule: str = "constant", warmup: int = 0,
                  total_steps: int = 1, momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.999,
                  adam_eps: float = 1e-8, weight_decay: float = 0.0, final_fraction: float = 0.0):
-        if kind not in OPTIMIZERS:
-            raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{kind}'")
-        if schedule not in SCHEDULES:
-            raise UserError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise UserError(f"learning rate must be a positive number, got {lr}")
-        if warmup < 0:
-            raise UserError(f"warmup must be >= 0 steps, got {warmup}")
-        if not 0 <= momentum < 1 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
-            raise UserError("momentum and betas must lie in [0, 1)")
-        if weight_decay < 0:
-            raise UserError(f"weight decay must be >= 0, got {weight_decay}")
+        check_settings(kind, lr, schedule, warmup, momentum, weight_decay, beta1, beta2)
         self.n, self.kind, self.lr, self.schedule = n, kind, float(lr), schedule
         self.warmup, self.total_steps, self.final_fraction = int(warmup), max(1, int(total_steps)), final_fraction
         self.momentum, self.beta1, self.beta2, self.adam_eps = momentum, beta1, beta2, adam_eps

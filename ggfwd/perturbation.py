@@ -66,6 +66,15 @@ def select_targets(targets: list[str], layers) -> list[str]:
     return kept
 
 
+def check_settings(distribution: str, part: str, scaling: str) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got '{distribution}'")
+    if part not in PARTS:
+        raise UserError(f"perturbed part must be one of {', '.join(PARTS)}, got '{part}'")
+    if scaling not in SCALINGS:
+        raise UserError(f"scaling must be one of {', '.join(SCALINGS)}, got '{scaling}'")
+
+
 class Perturbations:
     """Seeded perturbation directions for one adapter layout.
 
@@ -76,12 +85,7 @@ class Perturbations:
 
     def __init__(self, adapter: LoraAdapter, seed: int, distribution: str = "gaussian", part: str = "b",
                  layers=None, scaling: str = "tensor"):
-        if distribution not in DISTRIBUTIONS:
-            raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got '{distribution}'")
-        if part not in PARTS:
-            raise UserError(f"perturbed part must be one of {', '.join(PARTS)}, got '{part}'")
-        if scaling not in SCALINGS:
-            raise UserError(f"scaling must be one of {', '.join(SCALINGS)}, got '{scaling}'")
+        check_settings(distribution, part, scaling)
         if int(seed) < 0:
             raise UserError(f"seed must be >= 0, got {seed}")
         self.seed, self.distribution, self.part, self.scaling = int(seed), distribution, part, scaling

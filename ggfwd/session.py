@@ -127,6 +127,54 @@ class Plan:
             c.free()
 
 
+KV_TYPES = {"f16": None, "f32": 0}  # KV cache element type -> GGML type id (None: llama.cpp's default, F16)
+DEFAULT_MAX_TOKENS = 128
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The one definition of how every command and script sets up scoring.
+
+    The batch layout (sequences per decode, tokens per sequence and per decode, scored positions per decode)
+    and the KV cache type fix the numerics: two evaluations are comparable only under equal settings, so
+    `ggfwd eval`, the in-run evaluation of `ggfwd train`, `ggfwd calibrate` and the benchmarks all build
+    their sessions from this. Threads do not change results (bitwise equal at 1 and 2 threads)."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE  # sequences (examples) per llama_decode; a training batch of another
+    # size is scored in decodes of this many, so evaluation and training share one layout
+    max_tokens: int = DEFAULT_MAX_TOKENS  # longest example; longer texts are cut from the left
+    threads: int | None = None  # compute threads (None: physical cores)
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    kind: str = "classification"  # the task's kind: generation scores many positions per sequence
+
+    def __post_init__(self):
+        if not 1 <= self.batch_size <= 256:
+            raise UserError(f"batch size must be between 1 and 256 examples per decode, got {self.batch_size}")
+        if not 8 <= self.max_tokens <= 8192:
+            raise UserError(f"max tokens must be between 8 and 8192, got {self.max_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+        if self.kv_type not in KV_TYPES:
+            raise UserError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got '{self.kv_type}'")
+
+    @property
+    def batch_tokens(self) -> int:
+        return max(1024, self.max_tokens)
+
+    @property
+    def max_outputs(self) -> int:
+        """Classification scores one position per sequence; generation up to 256 per decode (llama.cpp
+        reserves n_vocab floats for each)."""
+        return self.batch_size if self.kind == "classification" else max(256, self.max_tokens)
+
+    def open(self, model_path, verbose: bool = False) -> "Session":
+        return Session(model_path, n_threads=self.threads, max_seqs=self.batch_size, seq_tokens=self.max_tokens,
+                       batch_tokens=self.batch_tokens, max_outputs=self.max_outputs,
+                       kv_f32=self.kv_type == "f32", flash_attn=self.flash_attn, verbose=verbose)
+
+
 class Session:
     """A base GGUF model loaded once, with a context sized for the plans it scores.
 

@@ -6,7 +6,7 @@ Two kinds of task:
 - generation: `{prompt}` then a completion; the loss is the mean token cross-entropy of the completion.
 
 Data: JSONL (`{"text", "label"}` or `{"prompt", "completion"}`) or GLUE-style TSV with a header and a
-`label` column (the shared SST-2 files).
+`label` column (the packaged SST-2 files), either optionally gzip-compressed (`.jsonl.gz`, `.tsv.gz`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UserError
+from .files import read_lines, read_text
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,10 @@ def load_task(spec: str) -> Task:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"unknown task '{spec}': not a built-in ({', '.join(BUILTIN_TASKS)}) nor a task file")
+    text = read_text(path, "task file")
     try:
-        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as exc:
         raise UserError(f"task file {path} cannot be parsed: {exc}") from None
     labels = raw.get("labels", {})
     if not isinstance(labels, dict):
@@ -100,7 +103,8 @@ def load_examples(path: str | Path, task: Task, limit: int | None = None, min_wo
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    rows = _read_tsv(path) if path.suffix in (".tsv", ".csv") else _read_jsonl(path)
+    kind = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+    rows = _read_tsv(path, kind) if kind in (".tsv", ".csv") else _read_jsonl(path)
     examples = []
     for where, row in rows:
         if task.kind == "classification":
@@ -128,34 +132,39 @@ def load_examples(path: str | Path, task: Task, limit: int | None = None, min_wo
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path.name} line {n}: not valid JSON") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path.name} line {n}: expected a JSON object")
-            yield f"{path.name} line {n}", row
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path.name} line {n}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path.name} line {n}: expected a JSON object")
+        yield f"{path.name} line {n}", row
 
 
-def _read_tsv(path: Path):
-    """GLUE-style: a header line, a `label` column and one text column (`sentence`, `content` or `text`)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header or "label" not in header:
-            raise UserError(f"{path.name}: expected a header line with a 'label' column")
-        text_cols = [c for c in ("sentence", "content", "text") if c in header]
-        if not text_cols:
-            raise UserError(f"{path.name}: no text column (sentence, content or text) in the header")
-        li, ti = header.index("label"), header.index(text_cols[0])
-        for n, cells in enumerate(reader, 2):
-            if len(cells) != len(header):
-                raise UserError(f"{path.name} line {n}: expected {len(header)} columns, found {len(cells)}")
-            yield f"{path.name} line {n}", {"text": cells[ti], "label": cells[li]}
+def _read_tsv(path: Path, kind: str = ".tsv"):
+    """GLUE-style: a header line, a `label` column and one text column (`sentence`, `content` or `text`).
+    Rows are whole lines (fields hold no quoted newlines), so line numbers are exact."""
+    lines = read_lines(path)
+    delimiter = "\t" if kind == ".tsv" else ","
+    split = lambda text: next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
+    first = next(lines, None)
+    header = split(first[1]) if first else None
+    if not header or "label" not in header:
+        raise UserError(f"{path.name}: expected a header line with a 'label' column")
+    text_cols = [c for c in ("sentence", "content", "text") if c in header]
+    if not text_cols:
+        raise UserError(f"{path.name}: no text column (sentence, content or text) in the header")
+    li, ti = header.index("label"), header.index(text_cols[0])
+    for n, text in lines:
+        if not text.strip():
+            continue
+        cells = split(text)
+        if len(cells) != len(header):
+            raise UserError(f"{path.name} line {n}: expected {len(header)} columns, found {len(cells)}")
+        yield f"{path.name} line {n}", {"text": cells[ti], "label": cells[li]}
 
 
 # --------------------------------------------------------------------------- tokens
@@ -205,6 +214,9 @@ def verbalizer_ids(task: Task, tokenize: Tokenize) -> np.ndarray:
         toks = tokenize(word, False)
         if not toks:
             raise UserError(f"verbalizer {word!r} tokenizes to nothing")
+        if len(toks) > 1:
+            warnings.warn(f"verbalizer {word!r} is {len(toks)} tokens for this model; only its first token "
+                          "is scored", UserWarning, stacklevel=2)
         ids.append(toks[0])
     if len(set(ids)) != len(ids):
         raise UserError(f"verbalizers {list(task.verbalizers)} share their first token; choose distinct words")

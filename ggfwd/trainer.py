@@ -1,26 +1,20 @@
-"""The training loop: batch -> perturbed scores -> scalars -> estimate -> update -> checkpoint.
+"""Single-device training: the one-client federation, run in a loop.
 
-Everything random is a pure function of (seed, step): the batch (`batch_indices`), the directions
+Each step is a round: the client (co-located with the server, sharing its replica) draws its batch and scores
+the step's directions (`federation.client.Client.work`), and the server step (`update.advance`: aggregate
+from seeds and scalars, then the update) moves the replica. The simulated federation and the Flower apps run
+the same two pieces, so a one-client federation reaches the bitwise-same adapter as `ggfwd train`.
+
+Everything random is a pure function of (seed, step, client): the batch (`batch_indices`), the directions
 (`Perturbations`), the learning rate (`lr_at`). With llama.cpp's bitwise-reproducible scoring and exact F32
-checkpoints, a run that is killed and resumed reaches the bitwise-same adapter as an uninterrupted one.
-
-Run folder layout (`RUNDIR`):
-- `state.json`: the commit point, written last with temp + os.replace: completed steps, counters, the run's
-  settings and the names of the checkpoint files it belongs to.
-- `checkpoint/adapter-STEP.gguf`, `checkpoint/optimizer-STEP.npz`: the state after STEP updates. The files of
-  the previous step are removed only after the new state.json is in place.
-- `adapter.gguf`: the result: the latest adapter (a hard link to the checkpoint), or with `average_decay`
-  the moving average of the adapters (see `averaging`), replaced atomically either way.
-- `metrics.jsonl`: one JSON object per step (and per evaluation); lines past the committed step are dropped
-  on resume.
+checkpoints (`rundir.RunDir`), a run that is killed and resumed reaches the bitwise-same adapter as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +22,13 @@ import numpy as np
 from .adapter import LoraAdapter
 from .averaging import IterateAverage
 from .errors import UserError
-from .files import atomic_write
 from .estimator import Estimator, check_settings
-from .optimizer import Optimizer
+from .federation.client import Client, batch_indices
+from .federation.messages import Instruction
+from .inputs import RunInputs
 from .perturbation import Perturbations
-
-STATE = "state.json"
-METRICS = "metrics.jsonl"
-_BATCH_STREAM = 0xBA7C4  # keeps batch sampling streams apart from perturbation streams
+from .rundir import RunDir, read_metrics, read_state  # noqa: F401  (re-exported for the CLI and scripts)
+from .update import Replica, UpdateRule, advance
 
 
 @dataclass
@@ -62,9 +55,17 @@ class TrainConfig:
     average_decay: float = 0.0  # > 0: evaluate and save a moving average of the adapter (see averaging.py)
     eval_every: int = 50
     max_rejections: int = 10  # consecutive divergent steps before the run stops
+    clip: float = 0.0  # > 0: scalars are limited to clip x the median client's median |s| (see estimator.aggregate)
+    checkpoint_every: int = 1  # commit a checkpoint every N steps (and at the end)
 
     def check(self) -> None:
+        """Every setting, before anything is created on disk (one line per mistake)."""
+        from . import optimizer, perturbation
+
         check_settings(self.eps, self.directions, self.scheme, self.normalize)
+        optimizer.check_settings(self.optimizer, self.lr, self.schedule, self.warmup, self.momentum,
+                                 self.weight_decay)
+        perturbation.check_settings(self.distribution, self.part, self.scaling)
         if self.steps < 1:
             raise UserError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
@@ -73,6 +74,12 @@ class TrainConfig:
             raise UserError(f"eval interval must be >= 0, got {self.eval_every}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")
+        if self.clip != 0 and not (self.clip >= 1 and np.isfinite(self.clip)):
+            raise UserError(f"clip must be 0 (off) or a number >= 1, got {self.clip}")
+        if self.checkpoint_every < 1:
+            raise UserError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
+        if self.max_rejections < 1:
+            raise UserError(f"max rejections must be >= 1, got {self.max_rejections}")
         if not 0 <= self.average_decay < 1:
             raise UserError(f"averaging decay must lie in [0, 1), got {self.average_decay}")
 
@@ -82,15 +89,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
-    """The examples of update `step`: epochs are seeded permutations of the data, cut into batches.
-    A pure function of (seed, step, n, batch_size)."""
-    if batch_size >= n:
-        return np.arange(n)
-    per_epoch = n // batch_size
-    epoch, j = divmod(step, per_epoch)
-    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, _BATCH_STREAM, epoch])))
-    return np.sort(rng.permutation(n)[j * batch_size:(j + 1) * batch_size])
+    def update_rule(self) -> UpdateRule:
+        return UpdateRule(self.optimizer, self.lr, self.schedule, self.warmup, self.steps, self.momentum,
+                          self.weight_decay)
+
+    def instruction(self, step: int, client: int = 0, directions: int | None = None) -> Instruction:
+        return Instruction(step, step, client, directions or self.directions, self.batch_size, self.eps,
+                           float("inf"))
 
 
 @dataclass
@@ -102,11 +107,16 @@ class Counters:
     tokens: int = 0
     seconds: float = 0.0
     eval_seconds: float = 0.0
+    sim_seconds: float = 0.0  # federation: simulated time
+    bytes_up: int = 0  # federation: serialized reports
+    bytes_down: int = 0  # federation: instructions, broadcasts and snapshots
 
 
 @dataclass
 class Trainer:
     """One training run over a session, an initial adapter and tokenized data."""
+
+    KIND = "train"
 
     session: object
     adapter: LoraAdapter
@@ -114,50 +124,54 @@ class Trainer:
     config: TrainConfig
     rundir: Path
     eval_data: object | None = None
-    meta: dict = field(default_factory=dict)  # extra settings saved with the run (paths, session settings)
+    inputs: RunInputs | None = None  # what the run reads, saved with it and checked on resume
+    calibration: dict | None = None  # the eps calibration the run was started with, if any
 
     def __post_init__(self):
         c = self.config
         c.check()
-        self.rundir = Path(self.rundir)
+        self.run_dir = RunDir(self.rundir)
         if len(self.train_data) == 0:
             raise UserError("no training examples")
         self.perturbations = Perturbations(self.adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
         self.estimator = Estimator(self.session, self.perturbations, c.eps, c.directions, c.scheme, c.normalize)
-        self.optimizer = Optimizer(self.perturbations.n, c.optimizer, c.lr, c.schedule, c.warmup, c.steps,
-                                   momentum=c.momentum, weight_decay=c.weight_decay)
-        self.theta = self.adapter.params.copy()
+        self.replica = Replica(self.adapter.params, self.perturbations.index, c.update_rule())
+        self.setup()
         self.average = IterateAverage(self.perturbations.n, c.average_decay) if c.average_decay else None
         self.counters = Counters()
         self._consecutive_rejections = 0
         self.session.set_adapter(self.adapter)
         self.eval_plan = self.session.plan(self.eval_data) if self.eval_data is not None else None
 
+    def setup(self) -> None:
+        """The clients: here one, co-located with the server (it shares the server's replica)."""
+        c = self.config
+        self.client = Client(0, self.train_data, self.estimator, c.seed, c.update_rule(), c.clip, replica=self.replica)
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.replica.theta
+
     # ----------------------------------------------------------------- one step
     def train_step(self) -> dict:
-        """Estimate, update (unless divergent) and return the step's metrics record."""
+        """One round of the one-client federation: estimate, then the shared server step; returns the metrics
+        record."""
         c, k = self.config, self.counters
         step = k.step
         start = time.perf_counter()
-        plan = self.session.plan(self.train_data.subset(batch_indices(c.seed, step, len(self.train_data),
-                                                                      c.batch_size)))
-        est = self.estimator.estimate(self.theta, plan, step)
-        record = {"step": step + 1, "loss": est.loss, "batch_accuracy": est.accuracy,
-                  "lr": self.optimizer.lr_at(step), "eps": c.eps, "scalars": [float(s) for s in est.scalars]}
-        reason = None
+        report, est = self.client.work(c.instruction(step))
+        reports = [(self.client.id, report.scalars)] if est.finite else []
+        agg, reason = advance(self.replica, self.perturbations, step, reports, c.clip)
         if not est.finite:
             reason = "non-finite loss"
-        else:
-            idx = self.perturbations.index
-            new = self.optimizer.step(self.theta[idx], self.estimator.gradient(est), step)
-            if not np.all(np.isfinite(new)):
-                reason = "non-finite update"
-            else:
-                self.optimizer.commit()
-                self.theta[idx] = new
-                if self.average is not None:
-                    self.average.update(new)
+        if reason is None and self.average is not None:
+            self.average.update(self.replica.trained)
         self.session.set_params(self.theta)
+        record = {"step": step + 1, "loss": est.loss, "batch_accuracy": est.accuracy,
+                  "lr": self.replica.optimizer.lr_at(step), "eps": c.eps,
+                  "scalars": [float(x) for x in report.scalars]}
+        if agg.clipped:
+            record["clipped"] = agg.clipped
         k.step += 1
         k.forward_passes += est.forward_passes
         k.tokens += est.tokens
@@ -202,11 +216,12 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def run(self, on_step=None, stop_after: int | None = None) -> dict:
         """Train up to `config.steps` (or `stop_after` more steps), evaluating every `eval_every` steps and
-        at the end, checkpointing after each step. `on_step(record)` sees every metrics record."""
+        at the end, checkpointing every `checkpoint_every` steps and at the end. `on_step(record)` sees every
+        metrics record."""
         c, k = self.config, self.counters
-        if k.step == 0 and not (self.rundir / STATE).exists():
+        if k.step == 0 and not self.run_dir.has_run:
             record = {"step": 0, "forward_passes": 0, "tokens": 0, "seconds": 0.0, **self.evaluate()}
-            self._append_metrics(record)
+            self.run_dir.append_metrics(record)
             self.checkpoint()
             if on_step:
                 on_step(record)
@@ -216,97 +231,60 @@ class Trainer:
             record = self.train_step()
             if self.eval_plan is not None and (k.step == c.steps or (c.eval_every and k.step % c.eval_every == 0)):
                 record.update(self.evaluate())
-            self._append_metrics(record)
-            self.checkpoint()
+            self.run_dir.append_metrics(record)
+            if k.step == target or k.step % c.checkpoint_every == 0:
+                self.checkpoint()
             if on_step:
                 on_step(record)
             if self._consecutive_rejections >= c.max_rejections:
+                if k.step % c.checkpoint_every:
+                    self.checkpoint()
                 raise UserError(f"training diverged: {self._consecutive_rejections} consecutive steps gave "
                                 f"non-finite losses or updates (last at step {k.step}); lower --lr or --eps")
         return record
 
     # ----------------------------------------------------------------- checkpoints
-    def _append_metrics(self, record: dict) -> None:
-        with open(self.rundir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
     def checkpoint(self) -> None:
-        """Write adapter and optimizer for the current step, then commit state.json, then clean up."""
+        """Commit the current step: adapter and every array needed to continue bitwise, then state.json."""
         k = self.counters
-        ckdir = self.rundir / "checkpoint"
-        ckdir.mkdir(parents=True, exist_ok=True)
-        adapter_path = ckdir / f"adapter-{k.step:08d}.gguf"
-        optim_path = ckdir / f"optimizer-{k.step:08d}.npz"
-        self.adapter.with_params(self.theta).save(adapter_path, extra={"ggfwd.step": k.step})
-        state_arrays = self.optimizer.state_dict()
+        arrays = self.replica.state_dict()
         if self.average is not None:
-            state_arrays.update(self.average.state_dict())
-        atomic_write(optim_path, lambda f: np.savez(f, **state_arrays))
-        state = {"step": k.step, "counters": asdict(k), "config": asdict(self.config), "meta": self.meta,
-                 "adapter": adapter_path.name, "optimizer": optim_path.name,
-                 "perturbations": self.perturbations.describe()}
-        atomic_write(self.rundir / STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
-        latest = self.rundir / "adapter.gguf"
+            arrays.update(self.average.state_dict())
+        meta = {**(self.inputs.to_dict() if self.inputs else {}),
+                **({"calibration": self.calibration} if self.calibration else {})}
+        state = {"kind": self.KIND, "counters": asdict(k), "config": asdict(self.config), "meta": meta,
+                 "perturbations": self.perturbations.describe(), **self.extra_state()}
         result = self.result_params()
-        if result is not self.theta:
-            self.adapter.with_params(result).save(latest, extra={"ggfwd.step": k.step,
-                                                                 "ggfwd.average_decay": self.average.beta})
-        else:
-            tmp = self.rundir / ".adapter.gguf.link"
-            if tmp.exists():
-                tmp.unlink()
-            try:
-                os.link(adapter_path, tmp)
-            except OSError:
-                import shutil
+        self.run_dir.commit(k.step, self.adapter.with_params(self.theta), arrays, state,
+                            result=None if result is self.theta else self.adapter.with_params(result),
+                            result_extra={"ggfwd.average_decay": self.average.beta} if self.average else None)
 
-                shutil.copyfile(adapter_path, tmp)
-            os.replace(tmp, latest)
-        for old in ckdir.iterdir():
-            if old.name not in (adapter_path.name, optim_path.name):
-                old.unlink()
+    def extra_state(self) -> dict:
+        return {}
 
     def resume(self) -> int:
         """Continue from the committed state in `rundir`; returns the step resumed at."""
-        state = read_state(self.rundir)
-        ckdir = self.rundir / "checkpoint"
-        adapter = LoraAdapter.load(ckdir / state["adapter"])
+        state = self.run_dir.read_state()
+        if state.get("kind", "train") != self.KIND:
+            raise UserError(f"{self.rundir} holds a '{state.get('kind')}' run, not a '{self.KIND}' run")
+        adapter, arrays = self.run_dir.load_checkpoint(state)
         if adapter.params.size != self.theta.size:
             raise UserError("the checkpoint's adapter does not match this run's adapter layout")
-        with np.load(ckdir / state["optimizer"]) as z:
-            arrays = {key: z[key] for key in z.files}
-        self.optimizer.load_state_dict(arrays)
+        if "theta" not in arrays:
+            raise UserError(f"{self.rundir} was written by an older ggfwd; its checkpoint cannot be resumed")
+        self.replica.load_state_dict(arrays)
+        if not np.array_equal(self.replica.theta, adapter.params):
+            raise UserError(f"{self.rundir}: the checkpoint's adapter and state disagree; the run is damaged")
         if self.average is not None:
             self.average.load_state_dict(arrays)
-        self.theta[...] = adapter.params
         self.session.set_params(self.theta)
         self.counters = Counters(**state["counters"])
-        # Drop metrics written after the committed step (a run killed between the two writes).
-        path = self.rundir / METRICS
-        if path.exists():
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.counters.step]
-            atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+        if self.counters.step != self.replica.version:
+            raise UserError(f"{self.rundir}: state.json and the checkpoint disagree on the step; the run is damaged")
+        self.run_dir.truncate_metrics(self.counters.step)
         return self.counters.step
 
     @property
     def current_adapter(self) -> LoraAdapter:
         """The result so far: the trained adapter, or its moving average."""
         return self.adapter.with_params(self.result_params())
-
-
-def read_state(rundir: Path) -> dict:
-    path = Path(rundir) / STATE
-    if not path.is_file():
-        raise UserError(f"no run to resume in {rundir} ({STATE} not found)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{path} is damaged") from None
-
-
-def read_metrics(rundir: Path) -> list[dict]:
-    path = Path(rundir) / METRICS
-    if not path.is_file():
-        raise UserError(f"no metrics in {rundir} ({METRICS} not found)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

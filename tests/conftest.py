@@ -9,7 +9,6 @@ import pytest
 import tinymodel
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +41,11 @@ def gemma_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sst2_dir() -> Path:
-    assert (SST2 / "dev.tsv").is_file(), f"shared SST-2 data missing at {SST2}"
-    return SST2
+def sst2() -> dict[str, Path]:
+    """The SST-2 files shipped in the package (one source of truth for the tests, as for users)."""
+    import os
+
+    from ggfwd.demo import sst2_file
+
+    assert "GGFWD_SST2" not in os.environ, "unset GGFWD_SST2: the tests read the packaged SST-2 copy"
+    return {split: sst2_file(split) for split in ("train", "dev")}

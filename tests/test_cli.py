@@ -9,7 +9,22 @@ from ggfwd.adapter import LoraAdapter
 from ggfwd.base import read_base
 
 
-run = run_cli
+@pytest.fixture(scope="module", autouse=True)
+def tiny_task(tmp_path_factory):
+    """Commands here score the tiny model with the tiny task (single-token verbalizers), so that stderr holds
+    the error alone; sst2's verbalizers are several tokens in the tiny vocabulary and would add warnings."""
+    global TASK
+    from tinytask import TASK_TOML
+
+    TASK = tmp_path_factory.mktemp("task") / "task.toml"
+    TASK.write_text(TASK_TOML)
+    return TASK
+
+
+def run(*args, **kw):
+    if args and args[0] in ("eval", "train", "calibrate") and "--task" not in args and "--help" not in args:
+        args = (*args, "--task", TASK)
+    return run_cli(*args, **kw)
 
 
 def assert_user_error(result, fragment):
@@ -93,3 +108,32 @@ def test_train_on_bad_data_leaves_no_run_folder(tiny_model, data, tmp_path):
     result = run("train", "--model", tiny_model, "--data", data / "notjson.jsonl", "--out", tmp_path / "run")
     assert_user_error(result, "line 2: not valid JSON")
     assert not (tmp_path / "run").exists()
+
+
+def test_undecodable_data_is_one_line_naming_file_and_line(tiny_model, tmp_path):
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"text": "fine", "label": 1}\n\xff\xfe\x00\n')
+    assert_user_error(run("eval", "--model", tiny_model, "--data", tmp_path / "bytes.jsonl"),
+                      "bytes.jsonl line 2: not UTF-8 text")
+    result = run("train", "--model", tiny_model, "--data", tmp_path / "bytes.jsonl", "--out", tmp_path / "run")
+    assert_user_error(result, "bytes.jsonl line 2: not UTF-8 text")
+    assert not (tmp_path / "run").exists()
+
+
+def test_multi_token_verbalizer_is_scored_with_a_warning(tiny_model, data, tmp_path):
+    (tmp_path / "task.toml").write_text('kind = "classification"\ntemplate = "review {text} sentiment"\n'
+                                        '[labels]\nnegative = "t"\npositive = "great movie"\n')
+    r = run("eval", "--model", tiny_model, "--data", data / "good.jsonl", "--task", tmp_path / "task.toml", "--json")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'great movie'" in warnings[0] and "only its first token" in warnings[0]
+    assert json.loads(r.stdout)["examples"] == 2
+
+
+def test_boolean_flags_take_no_value_in_help():
+    for args, flags in ((["eval"], ["--json", "--verbose"]), (["train"], ["--calibrate", "--resume"]),
+                        (["calibrate"], ["--json"])):
+        r = run(*args, "--help")
+        assert r.returncode == 0
+        for f in flags:
+            lines = [line for line in r.stdout.splitlines() if f in line.split()]
+            assert lines and not any("<bool>" in line or "BOOLEAN" in line for line in lines), r.stdout

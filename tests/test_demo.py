@@ -53,3 +53,26 @@ def test_damaged_package_is_a_user_error(tmp_path, monkeypatch):
         demo_model()
     assert not (tmp_path / TARGET).exists()
     assert list((tmp_path / TARGET).parent.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.slow
+def test_the_demo_runs_from_any_folder_on_the_packaged_data(tmp_path):
+    """`ggfwd train` with no data arguments reads the SST-2 copy shipped in the package: no ../shared, no
+    $GGFWD_SST2, started from an empty folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GGFWD_SST2"}
+    r = subprocess.run([sys.executable, "-m", "ggfwd", "train", "--steps", "2", "--eval-limit", "64",
+                        "--out", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["step"] == 2
+    for key in ("data", "eval_data"):
+        assert state["meta"][key].endswith(".tsv.gz") and "shared" not in state["meta"][key]
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval_accuracy" in e]
+    assert [e["step"] for e in evals] == [0, 2] and all(0.55 < e["eval_accuracy"] < 0.95 for e in evals)
+    assert "eval accuracy" in r.stderr

@@ -10,9 +10,9 @@ from ggfwd.tasks import load_examples, load_task, tokenize_examples
 pytestmark = pytest.mark.slow
 
 
-def test_gemma_sst2_dev_64(gemma_model, sst2_dir):
+def test_gemma_sst2_dev_64(gemma_model, sst2):
     task = load_task("sst2-plain")
-    examples = load_examples(sst2_dir / "dev.tsv", task, limit=64)
+    examples = load_examples(sst2["dev"], task, limit=64)
     with Session(gemma_model, max_seqs=16, seq_tokens=128, batch_tokens=1024) as s:
         assert s.base.arch == "gemma3" and s.base.tied_embeddings
         data = tokenize_examples(examples, task, s.tokenize, s.detokenize, 128)

@@ -12,8 +12,8 @@ import pytest
 
 from ggfwd.adapter import LoraAdapter
 from ggfwd.averaging import IterateAverage
-from ggfwd.session import Session
-from ggfwd.tasks import load_examples, load_task, tokenize_examples
+from ggfwd.inputs import RunInputs
+from ggfwd.session import SessionSettings
 from ggfwd.trainer import Trainer, TrainConfig, batch_indices, read_metrics
 from clirun import run_cli, start_cli
 from tinytask import make_tiny
@@ -23,17 +23,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"), labels="positive", n_train=64, n_eval=32)
+    return make_tiny(tmp_path_factory.mktemp("tiny"), labels="mixed", n_train=64, n_eval=32,
+                     words=(["great"], ["terrible"]))
+
+
+def tiny_inputs(tiny) -> RunInputs:
+    return RunInputs(model=str(tiny["model"]), data=str(tiny["train"]), eval_data=str(tiny["eval"]),
+                     task=str(tiny["task"]), rank=4, alpha=8.0, max_tokens=64)
 
 
 def make_trainer(tiny, rundir, **config):
-    session = Session(tiny["model"], n_threads=1, max_seqs=8, seq_tokens=64, batch_tokens=512)
-    task = load_task(str(tiny["task"]))
-    tok = lambda p: tokenize_examples(load_examples(p, task), task, session.tokenize, session.detokenize, 64)
-    adapter = LoraAdapter.create(session.base, rank=4, alpha=8.0, seed=0)
+    """A Trainer built the way `ggfwd train` builds one: RunInputs -> session settings -> data and adapter."""
     cfg = TrainConfig(**({"steps": 30, "batch_size": 8, "optimizer": "adam", "lr": 0.2, "eps": 0.1, "eval_every": 10} | config))
+    inputs = tiny_inputs(tiny)
+    session = SessionSettings(max_tokens=inputs.max_tokens, threads=1).open(inputs.model)
+    train, evaluation, adapter = inputs.load(session, cfg.seed)
     rundir.mkdir(parents=True, exist_ok=True)
-    return Trainer(session, adapter, tok(tiny["train"]), cfg, rundir, eval_data=tok(tiny["eval"]))
+    return Trainer(session, adapter, train, cfg, rundir, eval_data=evaluation, inputs=inputs)
+
+
+TRAIN_STEPS = 40
 
 
 def cli(*args, **kw):
@@ -50,15 +59,25 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert not np.array_equal(a[0], a[6])
 
 
-def test_training_reduces_the_loss(tiny, tmp_path):
-    t = make_trainer(tiny, tmp_path / "run", steps=30)
+def test_training_learns_labels_that_depend_on_the_input(tiny, tmp_path):
+    """Labels follow a sentiment word in the text and are balanced, so a bias shift alone stays at 50%: the
+    accuracy must come from reading the input, on held-out rows."""
+    t = make_trainer(tiny, tmp_path / "run", steps=TRAIN_STEPS, lr=0.05, directions=4)
+    scores = t.session.score(t.eval_plan)
+    labels = t.eval_data.labels
+    assert abs(labels.mean() - 0.5) < 0.05
     t.run()
     evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
-    assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
-    assert evals[-1]["eval_accuracy"] == 1.0
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == TRAIN_STEPS
+    assert evals[0]["eval_accuracy"] == pytest.approx(scores.accuracy)
+    assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"]
+    assert evals[-1]["eval_accuracy"] >= 0.75
+    t.session.set_params(t.theta)
+    after = t.session.score(t.eval_plan)
+    predicted = np.where(after.correct, labels, 1 - labels)
+    assert set(predicted.tolist()) == {0, 1}  # both classes predicted: not a constant answer
     last = read_metrics(tmp_path / "run")[-1]
-    assert last["forward_passes"] == 60 and last["tokens"] > 0
+    assert last["forward_passes"] == 2 * 4 * TRAIN_STEPS and last["tokens"] > 0
     saved = LoraAdapter.load(tmp_path / "run" / "adapter.gguf")
     assert np.array_equal(saved.params, t.theta)
 
@@ -143,6 +162,13 @@ def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     (["--optimizer", "lion"], "optimizer must be one of"),
     (["--average", "1"], "averaging decay must lie in"),
     (["--min-words", "9"], "has no examples with at least 9 words"),
+    (["--lr", "nan"], "learning rate must be a positive number"),
+    (["--momentum", "1.5"], "momentum and betas"),
+    (["--distribution", "cauchy"], "distribution must be one of"),
+    (["--schedule", "step"], "schedule must be one of"),
+    (["--rank", "0"], "rank must be >= 1"),
+    (["--targets", "nothing_here"], "match no weight"),
+    (["--max-tokens", "4"], "max-tokens must be between"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
     from ggfwd.cli import main
@@ -155,7 +181,7 @@ def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, caps
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
-    assert not (tmp_path / "bad" / "state.json").exists()
+    assert not (tmp_path / "bad").exists()  # every setting is checked before anything is created
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(tiny, tmp_path):
@@ -164,12 +190,20 @@ def test_resume_refuses_changed_settings_and_missing_runs(tiny, tmp_path):
     t = make_trainer(tiny, tmp_path / "run", steps=2)
     t.run(stop_after=1)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    state["meta"] = {"model": str(tiny["model"]), "adapter": None, "data": str(tiny["train"]),
-                     "eval_data": None, "task": str(tiny["task"]), "train_limit": None, "eval_limit": None,
-                     "rank": 4, "alpha": 8.0, "targets": "attn_q,attn_v", "max_tokens": 64}
-    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
-    r = cli("train", "--out", tmp_path / "run", "--resume", "--lr", "0.5")
-    assert r.returncode == 2 and "differs from the run's" in r.stderr
+    assert RunInputs.from_dict(state["meta"]) == tiny_inputs(tiny)  # the run saved what it read
+    other = tmp_path / "other.jsonl"
+    other.write_text(tiny["eval"].read_text())
+    for extra, fragment in [(["--lr", "0.5"], "--lr 0.5 differs from the run's 0.2"),
+                            (["--data", other], "--data"), (["--model", tiny["task"]], "--model"),
+                            (["--task", "sst2"], "--task sst2 differs"), (["--max-tokens", "32"], "--max-tokens 32"),
+                            (["--eval-data", other], "--eval-data")]:
+        r = cli("train", "--out", tmp_path / "run", "--resume", *extra)
+        assert r.returncode == 2 and "differs from the run's" in r.stderr and fragment in r.stderr, (extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    same = cli("train", "--out", tmp_path / "run", "--resume", "--data", tiny["train"], "--task", tiny["task"],
+               "--threads", 1)
+    assert same.returncode == 0, same.stderr  # naming the same inputs again is fine
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
 
 
 def test_plot_writes_a_png(tiny, tmp_path):

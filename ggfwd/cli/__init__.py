@@ -1,5 +1,5 @@
-"""The `ggfwd` command line (typer). Each command lives with its domain; this file only wires them up and
-turns a UserError into one line on stderr and exit code 2."""
+"""The `ggfwd` command line (typer). One module per command family (`eval`, `train`, ...); this file only
+wires them up and turns a UserError into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 app = typer.Typer(
     name="ggfwd",
@@ -24,25 +24,36 @@ def _root() -> None:
 
 
 def _register() -> None:
-    from .commands import eval_command
+    from .eval import eval_command
+    from .train import calibrate_command, plot_command, train_command
 
     app.command("eval", help="Score a model (and optional adapter) on a dataset: accuracy, loss, tokens/s.")(eval_command)
-    from .train_cli import calibrate_command, plot_command, train_command
-
     app.command("train", help="Train a LoRA adapter with perturbed inferences only. "
                               "With no arguments: the Gemma-3-270M SST-2 demo.")(train_command)
     app.command("calibrate", help="Measure the loss noise floor and curvature on two batches and choose eps.")(calibrate_command)
     app.command("plot", help="Draw a run's loss and accuracy curves to a PNG.")(plot_command)
-    from .convert.commands import convert_command, export_command
+    from .federate import federate_command
+
+    app.command("federate", help="Federated training simulated in one process: clients with private data on "
+                                 "device profiles, seeds and scalars both ways. With no arguments: an SST-2 demo.")(federate_command)
+    from ..convert.commands import convert_command, export_command
 
     app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "
                                 "plus a separate F32 LoRA adapter.")(convert_command)
     app.command("export", help="Export a trained adapter to PEFT (safetensors) or a llama.cpp GGUF.")(export_command)
 
+
 _register()
 
 
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _warn_one_line
     try:
         app()
     except UserError as exc:

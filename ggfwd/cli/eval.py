@@ -11,10 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .adapter import LoraAdapter
-from .progress import progress_bar
-from .session import Session
-from .tasks import load_examples, load_task, tokenize_examples
+from ..adapter import LoraAdapter
+from ..progress import progress_bar
+from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
+from ..tasks import load_examples, load_task, tokenize_examples
+from .options import flag
 
 err = Console(stderr=True)
 
@@ -25,21 +26,21 @@ def eval_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE-style TSV (default: SST-2 dev)."),
     task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N examples."),
-    max_tokens: int = typer.Option(256, help="Longest example in tokens; longer texts are cut from the left."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per llama_decode."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="Longest example in tokens; longer texts are cut from the left "
+                                                            "(the same default as ggfwd train, so scores match its evaluation)."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, max=256, help="Examples per llama_decode."),
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+    as_json: bool = flag("--json", help="Print the result as JSON on stdout."),
+    verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from .demo import demo_model, sst2_dir
+    from ..demo import demo_model, sst2_file
 
     the_task = load_task(task)
-    data = data or sst2_dir() / "dev.tsv"
+    settings = SessionSettings(batch_size=batch_size, max_tokens=max_tokens, threads=threads, kind=the_task.kind)
+    data = data or sst2_file("dev")
     examples = load_examples(data, the_task, limit)
     lora = LoraAdapter.load(adapter) if adapter else None
-    session = Session(model or demo_model(), n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens,
-                      batch_tokens=max(1024, max_tokens), verbose=verbose,
-                      max_outputs=batch_size if the_task.kind == "classification" else max(256, max_tokens))
+    session = settings.open(model or demo_model(), verbose=verbose)
     tokenized = tokenize_examples(examples, the_task, session.tokenize, session.detokenize, max_tokens)
     if lora is not None:
         session.set_adapter(lora)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +19,12 @@ import typer
 from rich.console import Console
 from rich.progress import TextColumn
 
-from .errors import UserError
-from .estimator import passes_per_step
-from .progress import progress_bar
-from .trainer import TrainConfig, batch_indices, read_metrics, read_state
+from ..errors import UserError
+from ..estimator import passes_per_step
+from ..progress import progress_bar
+from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
+from ..trainer import TrainConfig, batch_indices, read_metrics, read_state
+from .options import flag
 
 err = Console(stderr=True)
 
@@ -33,29 +35,95 @@ CALIBRATION_BATCHES = 2  # train --calibrate measures on the run's first two bat
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
 _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
                   "weight_decay", "momentum", "seed", "distribution", "part", "layers", "scaling", "scheme",
-                  "normalize", "average_decay", "eval_every")
+                  "normalize", "average_decay", "eval_every", "checkpoint_every", "clip")
 
 
-def _session_settings(batch_size: int, max_tokens: int, threads: Optional[int], kind: str) -> dict:
-    """Fixed by the run's settings, so a resumed run scores with the same numerics. Classification needs
-    one scored position per sequence; generation up to 256 per decode (llama.cpp reserves n_vocab floats each)."""
-    return dict(n_threads=threads, max_seqs=batch_size, seq_tokens=max_tokens, batch_tokens=max(1024, max_tokens),
-                max_outputs=batch_size if kind == "classification" else max(256, max_tokens))
+@dataclass
+class ResolvedRun:
+    config: TrainConfig
+    inputs: object  # RunInputs
+    out: Path
+    calibration: dict | None
+    state: dict | None  # the saved state when resuming
+
+
+def _inputs_given(options: dict) -> dict:
+    """The RunInputs fields a command was given (None: not given); paths made absolute."""
+    absolute = lambda p: None if p is None else str(Path(p).resolve())
+    return {k: (absolute(options.get(k)) if k in ("model", "adapter", "data", "eval_data") else options.get(k))
+            for k in ("model", "adapter", "data", "eval_data", "task", "train_limit", "min_words", "eval_limit",
+                      "rank", "alpha", "targets", "max_tokens")}
+
+
+def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path], resume: bool,
+                demo_defaults: dict) -> ResolvedRun:
+    """The settings and inputs of a new run, or those saved in `out` when resuming (a changed setting other
+    than --steps, or a changed input, is refused). Everything is validated here, before anything is written."""
+    from ..demo import demo_model, sst2_file
+    from ..inputs import RunInputs, refuse_changed
+
+    if isinstance(given.get("layers"), str):
+        given["layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(",") if x.strip()]
+    state = None
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUNDIR")
+        state = read_state(out)
+        config = TrainConfig.from_dict(state["config"])
+        for key, value in given.items():
+            if key != "steps" and value != getattr(config, key):
+                raise UserError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(config, key)}; "
+                                "a resumed run keeps its settings (only --steps may change)")
+        if "steps" in given:
+            config.steps = given["steps"]
+        inputs = RunInputs.from_dict(state["meta"])
+        refuse_changed(inputs, inputs_given)
+        calibration = state["meta"].get("calibration")
+    else:
+        demo = inputs_given["model"] is None and inputs_given["data"] is None
+        config = TrainConfig(**{**asdict(TrainConfig()), **(demo_defaults if demo else {}), **given})
+        config.check()
+        chosen = {k: v for k, v in inputs_given.items() if v is not None}
+        chosen.setdefault("data", str(sst2_file("train")))
+        if demo:
+            chosen.setdefault("eval_data", str(sst2_file("dev")))
+            chosen.setdefault("train_limit", DEMO["train_limit"])
+            chosen.setdefault("eval_limit", DEMO["eval_limit"])
+        if "model" not in chosen:
+            chosen["model"] = str(demo_model())
+        inputs = RunInputs(**chosen)
+        calibration = None
+        out = out or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+        if (out / "state.json").exists():
+            raise UserError(f"{out} already holds a run: use --resume to continue it or choose another --out")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+    config.check()
+    inputs.check()
+    return ResolvedRun(config, inputs, Path(out), calibration, state)
+
+
+def session_settings(inputs, threads: Optional[int]) -> SessionSettings:
+    """Decodes of the standard layout whatever the training batch size, so that `ggfwd eval` with its defaults
+    scores a saved adapter exactly as the run's own evaluation did."""
+    from ..tasks import load_task
+
+    return SessionSettings(max_tokens=inputs.max_tokens, threads=threads, kind=load_task(inputs.task).kind)
 
 
 def train_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data, JSONL or GLUE TSV (default: SST-2 train)."),
-    task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file [default: sst2]."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default with the demo: SST-2 dev)."),
     train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
-    min_words: int = typer.Option(0, min=0, help="Train only on examples of at least N words (0: all)."),
+    min_words: Optional[int] = typer.Option(None, min=0, help="Train only on examples of at least N words [default: 0, all]."),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Choose eps by measuring noise floor and curvature on the first two batches (central scheme); the run keeps it."),
+    calibrate: bool = flag("--calibrate", help="Choose eps by measuring noise floor and curvature on the first two batches (central scheme); the run keeps it."),
     directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each with --scheme central)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training examples per step."),
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd (momentum)."),
@@ -72,85 +140,39 @@ def train_command(
     normalize: Optional[str] = typer.Option(None, help="none or std (divide differences by the loss spread)."),
     average_decay: Optional[float] = typer.Option(None, "--average", help="Evaluate and save a moving average of the adapter with this decay (0.98: about the last 50 steps; 0: off)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (0: only at start and end)."),
-    rank: int = typer.Option(8, help="Rank of a fresh adapter."),
-    alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),
-    targets: str = typer.Option("attn_q,attn_v", help="Comma-separated weight patterns for a fresh adapter."),
-    max_tokens: int = typer.Option(128, help="Longest example in tokens."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Commit a checkpoint every N steps and at the end [default: 1]; a resumed run redoes the steps after the last one, bitwise."),
+    clip: Optional[float] = typer.Option(None, help="Limit each scalar to CLIP x the median |scalar| (0: off) [default: 0]."),
+    rank: Optional[int] = typer.Option(None, help="Rank of a fresh adapter [default: 8]."),
+    alpha: Optional[float] = typer.Option(None, help="Alpha of a fresh adapter [default: 16]."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter [default: attn_q,attn_v]."),
+    max_tokens: Optional[int] = typer.Option(None, help=f"Longest example in tokens [default: {DEFAULT_MAX_TOKENS}]."),
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/train-TIMESTAMP)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+    resume: bool = flag("--resume", help="Continue the run in --out from its last checkpoint."),
+    verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from .adapter import LoraAdapter
-    from .demo import demo_model, sst2_dir
-    from .session import Session
-    from .tasks import load_examples, load_task, tokenize_examples
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
-    given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
-    if isinstance(given.get("layers"), str):
-        given["layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(",") if x.strip()]
     if calibrate and (resume or eps is not None):
         raise UserError("--calibrate chooses eps for a new run: it excludes --eps and --resume")
-    if resume:
-        if out is None:
-            raise UserError("--resume needs --out RUNDIR")
-        state = read_state(out)
-        config = TrainConfig.from_dict(state["config"])
-        for key, value in given.items():
-            if key != "steps" and value != getattr(config, key):
-                raise UserError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(config, key)}; "
-                                "a resumed run keeps its settings (only --steps may change)")
-        if "steps" in given:
-            config.steps = given["steps"]
-        meta = state["meta"]
-    else:
-        demo = model is None and data is None
-        sst2 = sst2_dir() if (data is None or (demo and eval_data is None)) else None
-        meta = {
-            "model": str(model or demo_model()),
-            "adapter": str(adapter) if adapter else None,
-            "data": str(data or sst2 / "train.tsv"),
-            "eval_data": str(eval_data) if eval_data else (str(sst2 / "dev.tsv") if demo else None),
-            "task": task,
-            "train_limit": train_limit or (DEMO["train_limit"] if demo else None),
-            "min_words": min_words,
-            "eval_limit": eval_limit or (DEMO["eval_limit"] if demo else None),
-            "rank": rank, "alpha": alpha, "targets": targets, "max_tokens": max_tokens,
-        }
-        defaults = {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]} if demo else {}
-        config = TrainConfig(**{**asdict(TrainConfig()), **defaults, **given})
-        config.check()
-        if calibrate and config.scheme != "central":
-            raise UserError(f"--calibrate models central differences; with --scheme {config.scheme} give --eps")
-        if meta["eval_data"] and not Path(meta["eval_data"]).is_file():
-            raise UserError(f"evaluation data file not found: {meta['eval_data']}")
-        out = out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-        if (out / "state.json").exists():
-            raise UserError(f"{out} already holds a run: use --resume to continue it or choose another --out")
-    config.check()
+    given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
+    run = resolve_run("train", given, _inputs_given(locals()), out, resume,
+                      {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]})
+    config, inputs, out, calibration = run.config, run.inputs, run.out, run.calibration
+    if calibrate and config.scheme != "central":
+        raise UserError(f"--calibrate models central differences; with --scheme {config.scheme} give --eps")
 
-    the_task = load_task(meta["task"])
-    train_examples = load_examples(meta["data"], the_task, meta["train_limit"], meta.get("min_words", 0))
-    eval_examples = load_examples(meta["eval_data"], the_task, meta["eval_limit"]) if meta["eval_data"] else None
-    init = LoraAdapter.load(meta["adapter"]) if meta["adapter"] else None
-    session = Session(meta["model"], verbose=verbose,
-                      **_session_settings(config.batch_size, meta["max_tokens"], threads, the_task.kind))
-    with session:
-        tok = lambda ex: tokenize_examples(ex, the_task, session.tokenize, session.detokenize, meta["max_tokens"])
-        train_data = tok(train_examples)
-        eval_data_t = tok(eval_examples) if eval_examples else None
-        if init is None:
-            init = LoraAdapter.create(session.base, [t.strip() for t in meta["targets"].split(",") if t.strip()],
-                                      rank=meta["rank"], alpha=meta["alpha"], seed=config.seed)
+    with session_settings(inputs, threads).open(inputs.model, verbose=verbose) as session:
+        train_data, eval_data_t, init = inputs.load(session, config.seed)
         if calibrate:
             plans = [session.plan(train_data.subset(batch_indices(config.seed, step, len(train_data), config.batch_size)))
                      for step in range(CALIBRATION_BATCHES)]
             cal = _calibrate(session, init, plans, config)
-            config.eps, meta["calibration"] = cal.eps, cal.as_dict()
+            config.eps, calibration = cal.eps, cal.as_dict()
             err.print(f"training with the calibrated eps {cal.eps:g}")
         out.mkdir(parents=True, exist_ok=True)  # only once the data and model have been accepted
-        trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, meta=meta)
+        trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, inputs=inputs,
+                          calibration=calibration)
         if resume:
             trainer.resume()
         _run_live(trainer, out)
@@ -159,8 +181,8 @@ def train_command(
 def _calibrate(session, adapter, plans, config: TrainConfig, directions: int = 4, candidates=None):
     """Run `ggfwd.calibration.calibrate_eps` on `plans` around `adapter` with the run's directions, showing
     progress and the measured table on stderr. A loss that does not respond is an error."""
-    from .calibration import DEFAULT_CANDIDATES, calibrate_eps
-    from .perturbation import Perturbations
+    from ..calibration import DEFAULT_CANDIDATES, calibrate_eps
+    from ..perturbation import Perturbations
 
     pert = Perturbations(adapter, config.seed, config.distribution, config.part, config.layers, config.scaling)
     candidates = candidates or DEFAULT_CANDIDATES
@@ -182,7 +204,7 @@ def calibrate_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="LoRA adapter GGUF to calibrate at (default: a fresh one)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL or GLUE TSV (default: SST-2 train); its first --batches x --batch-size rows are scored."),
     task: str = typer.Option("sst2", "--task", "-t", help="Built-in task name (sst2, sst2-plain, generation) or a task file."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, max=256, help="Examples per evaluation."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, max=256, help="Examples per evaluation."),
     batches: int = typer.Option(2, min=1, help="Batches to measure on (curvature differs between batches)."),
     directions: int = typer.Option(4, min=1, help="Random directions to measure along, per batch."),
     candidates: str = typer.Option("0.001,0.003,0.01,0.03,0.1,0.3", help="Comma-separated eps values to measure (at least 3)."),
@@ -193,15 +215,14 @@ def calibrate_command(
     rank: int = typer.Option(8, help="Rank of a fresh adapter."),
     alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),
     targets: str = typer.Option("attn_q,attn_v", help="Comma-separated weight patterns for a fresh adapter."),
-    max_tokens: int = typer.Option(128, help="Longest example in tokens."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="Longest example in tokens."),
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+    as_json: bool = flag("--json", help="Print the calibration as JSON on stdout."),
+    verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from .adapter import LoraAdapter
-    from .demo import demo_model, sst2_dir
-    from .session import Session
-    from .tasks import load_examples, load_task, tokenize_examples
+    from ..adapter import LoraAdapter
+    from ..demo import demo_model, sst2_file
+    from ..tasks import load_examples, load_task, tokenize_examples
 
     try:
         values = tuple(float(x) for x in candidates.split(",") if x.strip())
@@ -211,13 +232,13 @@ def calibrate_command(
         raise UserError(f"--candidates needs at least three positive eps values, got '{candidates}'")
     config = TrainConfig(seed=seed, distribution=distribution, part=part, scaling=scaling, batch_size=batch_size)
     the_task = load_task(task)
-    examples = load_examples(data or sst2_dir() / "train.tsv", the_task, batches * batch_size)
+    settings = SessionSettings(max_tokens=max_tokens, threads=threads, kind=the_task.kind)
+    examples = load_examples(data or sst2_file("train"), the_task, batches * batch_size)
     if len(examples) < batches * batch_size:
         raise UserError(f"--batches {batches} x --batch-size {batch_size} needs {batches * batch_size} rows; "
                         f"the data has {len(examples)}")
     init = LoraAdapter.load(adapter) if adapter else None
-    with Session(model or demo_model(), verbose=verbose,
-                 **_session_settings(batch_size, max_tokens, threads, the_task.kind)) as session:
+    with settings.open(model or demo_model(), verbose=verbose) as session:
         tokenized = tokenize_examples(examples, the_task, session.tokenize, session.detokenize, max_tokens)
         if init is None:
             init = LoraAdapter.create(session.base, [t.strip() for t in targets.split(",") if t.strip()],

@@ -1,0 +1,143 @@
+"""`ggfwd federate`: the in-process federated simulation (all clients in one process, on one loaded model).
+
+With no arguments it runs a federated demo on the packaged Gemma-3-270M and SST-2: 10 clients on three device
+profiles with Dirichlet(0.5) label skew, 4 per round, 30 rounds, evaluated on 256 dev rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import TextColumn
+
+from ..errors import UserError
+from ..progress import progress_bar
+from .train import _inputs_given, _previous_metrics, resolve_run, session_settings
+from .options import flag
+
+err = Console(stderr=True)
+
+DEMO = {"steps": 30, "eval_every": 10, "batch_size": 8, "lr": 0.01, "clip": 5.0}
+DEMO_DEVICES = "laptop-x86:4,phone-midrange:4,pi5:2"
+_FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
+                "eval_every", "checkpoint_every", "clip")
+
+
+def federate_command(
+    clients: Optional[int] = typer.Option(None, "--clients", help="Number of clients (devices) [default: 10]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help=f"Device profiles as PROFILE:COUNT,... adding up to --clients [default: {DEMO_DEVICES}]."),
+    partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA (label skew) or count:N1,N2,..."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help=f"Rounds (one update each) [default: {DEMO['steps']}]."),
+    clients_per_round: int = typer.Option(4, "--clients-per-round", help="Clients sampled per round (among those online)."),
+    deadline: float = typer.Option(0.0, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all)."),
+    max_lag: int = typer.Option(10, "--max-lag", help="Rounds a client may miss and still catch up from broadcasts; further behind it gets the adapter."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded)."),
+    hostile: str = typer.Option("", "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help=f"Limit scalars to CLIP x the median client's median |s| (0: off) [default: {DEMO['clip']}]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data split among the clients (default: SST-2 train)."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Built-in task name or a task file [default: sst2]."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data, scored at the server (default with the demo: SST-2 dev)."),
+    train_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N training examples."),
+    eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
+    min_words: Optional[int] = typer.Option(None, min=0, help="Train only on examples of at least N words [default: 0, all]."),
+    rank: Optional[int] = typer.Option(None, help="Rank of a fresh adapter [default: 8]."),
+    alpha: Optional[float] = typer.Option(None, help="Alpha of a fresh adapter [default: 16]."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter [default: attn_q,attn_v]."),
+    max_tokens: Optional[int] = typer.Option(None, help="Longest example in tokens [default: 128]."),
+    lr: Optional[float] = typer.Option(None, help=f"Learning rate [default: {DEMO['lr']}, sgd]."),
+    eps: Optional[float] = typer.Option(None, help="Perturbation size [default: 0.1]."),
+    directions: Optional[int] = typer.Option(None, help="Directions per client and round [default: 1]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help=f"Examples per client and round [default: {DEMO['batch_size']}]."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam."),
+    seed: Optional[int] = typer.Option(None, help="Run seed: partitions, sampling, batches and directions derive from it."),
+    average_decay: Optional[float] = typer.Option(None, "--average", help="Evaluate and save a moving average of the adapter (0: off)."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N rounds (0: only at start and end)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Commit a checkpoint every N rounds and at the end [default: 1]."),
+    profiles_dir: Optional[Path] = typer.Option(None, "--profiles", help="Extra folder of device profile TOML files."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/federate-TIMESTAMP)."),
+    resume: bool = flag("--resume", help="Continue the federation in --out from its last checkpoint."),
+    verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
+):
+    from ..federation.simulate import FedConfig, Federation
+
+    steps = rounds
+    given = {k: v for k, v in locals().items() if k in _FED_OPTIONS and v is not None}
+    run = resolve_run("federate", given, _inputs_given(locals()), out, resume, DEMO)
+    config, inputs = run.config, run.inputs
+    if run.state is not None:
+        fed = FedConfig(**run.state["federation"])
+    else:
+        fed = FedConfig(clients=10 if clients is None else clients, clients_per_round=clients_per_round,
+                        devices=devices if devices is not None else (DEMO_DEVICES if clients is None else ""),
+                        partition=partition, deadline=deadline, max_lag=max_lag, dropout=dropout, hostile=hostile)
+    fed.check()
+    profiles = _load_profiles(fed.device_names(), profiles_dir)
+    from ..modelstats import ModelStats
+
+    stats = ModelStats.from_gguf(inputs.model)
+    with session_settings(inputs, threads).open(inputs.model, verbose=verbose) as session:
+        train_data, eval_data_t, init = inputs.load(session, config.seed)
+        run.out.mkdir(parents=True, exist_ok=True)
+        federation = Federation(session, init, train_data, config, run.out, eval_data=eval_data_t, inputs=inputs,
+                                fed=fed, profiles=profiles, model_stats=stats)
+        if resume:
+            federation.resume()
+        _run_live(federation, run.out)
+
+
+def _load_profiles(names: list[str], folder: Optional[Path]) -> list:
+    from ..profiles import load_profile
+
+    dirs = [folder] if folder else None
+    cache = {}
+    for name in names:
+        if name not in cache:
+            cache[name] = load_profile(name, dirs=dirs)
+    return [cache[name] for name in names]
+
+
+def _run_live(fed, out: Path) -> None:
+    c, f, k = fed.config, fed.fed, fed.counters
+    state = {"acc": None, "acc0": None}
+    for r in _previous_metrics(out):
+        _note(state, r)
+    kinds = sorted({p.name for p in fed.profiles})
+    err.print(f"[bold]ggfwd federate[/] -> {out}  ({f.clients} clients on {', '.join(kinds)}, partition "
+              f"{f.partition}, {f.clients_per_round} per round, {c.directions} direction(s) of {c.batch_size} "
+              f"examples each, {fed.perturbations.n} trained values)")
+    with progress_bar(err, False, TextColumn("{task.fields[info]}")) as bar:
+        job = bar.add_task("rounds", total=c.steps, completed=k.step, info="")
+
+        def on_round(r):
+            _note(state, r)
+            acc = "" if state["acc"] is None else f"acc {state['acc']:.1%}  "
+            late = len(r.get("late", [])) + len(r.get("dropped", []))
+            info = (f"{acc}sim {k.sim_seconds / 60:.1f} min  up {k.bytes_up / 1024:.1f} KiB  "
+                    f"down {k.bytes_down / 1024:.1f} KiB  lost {late}")
+            bar.update(job, completed=k.step, info=info)
+            for i, why in r.get("refused", {}).items():
+                err.print(f"round {r['step']}: refused client {i}: {why}")
+
+        fed.run(on_step=on_round)
+    rounds = max(1, k.step)
+    err.print(f"done: {k.step} rounds ({k.rejected} without an update), simulated {k.sim_seconds / 60:.1f} min, "
+              f"{k.forward_passes} forward passes, {k.seconds:.0f} s of CPU time + {k.eval_seconds:.0f} s evaluation")
+    err.print(f"bytes per round: up {k.bytes_up / rounds:.0f}, down {k.bytes_down / rounds:.0f} "
+              f"(dense LoRA exchange of the trained values: {4 * fed.perturbations.n} each way per client)")
+    if state["acc"] is not None:
+        err.print(f"eval accuracy {state['acc0']:.1%} at start -> {state['acc']:.1%}")
+    err.print(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}   plot: ggfwd plot {out}")
+
+
+def _note(state: dict, r: dict) -> None:
+    if "eval_accuracy" in r:
+        state["acc"] = r["eval_accuracy"]
+        if r["step"] == 0:
+            state["acc0"] = r["eval_accuracy"]

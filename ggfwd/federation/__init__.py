@@ -1,0 +1,1 @@
+"""Federated training across devices: messages, partitions, clients, server, simulated clock."""

@@ -1,0 +1,299 @@
+"""The federation's wire format: typed records <-> bytes. The in-process simulation and Flower carry the same bytes.
+
+A message is
+
+    b"GGFW" | format version (u16) | kind (u16) | header length (u32) | payload length (u32) | CRC-32 (u32)
+    | header: compact JSON object of plain fields and array descriptors | payload: raw little-endian arrays
+
+Everything is bounded before it is allocated (header, payload, array lengths, message size per kind), the
+CRC-32 covers the whole message (a flipped bit anywhere is refused, not applied), and each kind's fields
+are checked by type and range. Decoding never evaluates code: no pickle. A message that fails any check
+raises `MessageError` with a one-line reason; nothing of it reaches the model.
+
+Records:
+- `Instruction` (server -> client): do round R on adapter version V with K directions of a batch of B
+  examples at eps, within `deadline` simulated seconds.
+- `Report` (client -> server): the K loss-difference scalars (float32) of round R, with loss statistics,
+  tokens scored and forward passes.
+- `Broadcast` (server -> clients): the round's accepted (client, scalars) lists, from which every client
+  replays the update.
+- `Snapshot` (server -> a client that joins late or fell too far behind): the adapter values and optimizer
+  state at a version.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAGIC = b"GGFW"
+FORMAT_VERSION = 1
+_FRAME = struct.Struct("<4sHHIII")  # magic, version, kind, header length, payload length, crc32
+
+MAX_HEADER = 16 * 1024
+MAX_DIRECTIONS = 4096  # per report
+MAX_ROUND_SCALARS = 1 << 20  # per broadcast
+MAX_SNAPSHOT_VALUES = 1 << 28  # float32 values per snapshot array (1 GiB)
+_DTYPES = {"f32": np.dtype("<f4"), "u32": np.dtype("<u4"), "u16": np.dtype("<u2")}
+
+
+class MessageError(ValueError):
+    """A message that is malformed, damaged, of another format version, or out of bounds."""
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class Instruction:
+    round: int
+    version: int  # adapter version (updates applied) the client must be at
+    client: int
+    directions: int
+    batch_size: int
+    eps: float
+    deadline: float  # simulated seconds the round allows (inf: none)
+
+    KIND = 1
+
+
+@dataclass
+class Report:
+    round: int
+    client: int
+    version: int
+    scalars: np.ndarray  # float32, one per direction
+    loss: float  # mean of the perturbed losses
+    loss_std: float  # their standard deviation
+    tokens: int
+    passes: int
+
+    KIND = 2
+
+
+@dataclass
+class Broadcast:
+    round: int
+    clients: np.ndarray  # uint32 (sent as uint16 when every id fits), the clients whose reports were accepted
+    counts: np.ndarray  # uint16, scalars per client
+    scalars: np.ndarray  # float32, all accepted scalars, client after client
+
+    KIND = 3
+
+    @classmethod
+    def of(cls, round_: int, reports: list[tuple[int, np.ndarray]]) -> "Broadcast":
+        clients = np.asarray([c for c, _ in reports], dtype=np.uint32)
+        counts = np.asarray([len(s) for _, s in reports], dtype=np.uint16)
+        scalars = (np.concatenate([np.asarray(s, np.float32) for _, s in reports]) if reports
+                   else np.zeros(0, np.float32))
+        return cls(round_, clients, counts, scalars)
+
+    def entries(self) -> list[tuple[int, np.ndarray]]:
+        """(client, scalars) pairs in order."""
+        ends = np.cumsum(self.counts.astype(np.int64))
+        starts = ends - self.counts
+        return [(int(c), self.scalars[a:b]) for c, a, b in zip(self.clients, starts, ends)]
+
+
+@dataclass
+class Snapshot:
+    version: int
+    theta: np.ndarray  # float32, the adapter's full flat parameter vector
+    state: dict = field(default_factory=dict)  # optimizer arrays (float32) by name
+    steps: int = 0  # the optimizer's update count
+
+    KIND = 4
+
+
+KINDS = {cls.KIND: cls for cls in (Instruction, Report, Broadcast, Snapshot)}
+# Fields of each kind: name -> (type, min, max). Arrays: name -> (dtype, max length).
+_INT, _FLOAT = "int", "float"
+_FIELDS = {
+    Instruction: {"round": (_INT, 0, 2**40), "version": (_INT, 0, 2**40), "client": (_INT, 0, 2**32 - 1),
+                  "directions": (_INT, 1, MAX_DIRECTIONS), "batch_size": (_INT, 1, 4096),
+                  "eps": (_FLOAT, 0, 1e6), "deadline": (_FLOAT, 0, float("inf"))},
+    Report: {"round": (_INT, 0, 2**40), "client": (_INT, 0, 2**32 - 1), "version": (_INT, 0, 2**40),
+             "loss": (_FLOAT, None, None), "loss_std": (_FLOAT, None, None), "tokens": (_INT, 0, 2**40),
+             "passes": (_INT, 0, 2**32)},
+    Broadcast: {"round": (_INT, 0, 2**40)},
+    Snapshot: {"version": (_INT, 0, 2**40), "steps": (_INT, 0, 2**40)},
+}
+_ARRAYS = {
+    Report: {"scalars": ("f32", MAX_DIRECTIONS)},
+    Broadcast: {"clients": (("u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
+                "scalars": ("f32", MAX_ROUND_SCALARS)},
+    Snapshot: {"theta": ("f32", MAX_SNAPSHOT_VALUES)},
+}
+_MAX_MESSAGE = {Instruction: 4096, Report: 4096 + 4 * MAX_DIRECTIONS,
+                Broadcast: MAX_HEADER + 10 * MAX_ROUND_SCALARS, Snapshot: MAX_HEADER + 3 * 4 * MAX_SNAPSHOT_VALUES}
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode(record) -> bytes:
+    cls = type(record)
+    if cls not in _FIELDS:
+        raise TypeError(f"not a federation record: {cls.__name__}")
+    header: dict = {}
+    for name, (kind, _, _) in _FIELDS[cls].items():
+        value = getattr(record, name)
+        header[name] = int(value) if kind == _INT else _float_out(float(value))
+    arrays = {}
+    for name, (dtype, _) in _ARRAYS.get(cls, {}).items():
+        value = getattr(record, name)
+        if isinstance(dtype, tuple):  # the narrowest listed type that holds every value
+            dtype = next(d for d in dtype if value.size == 0 or int(np.max(value)) <= np.iinfo(_DTYPES[d]).max)
+        arrays[name] = (dtype, value)
+    if cls is Snapshot:
+        arrays.update({f"state.{k}": ("f32", v) for k, v in sorted(record.state.items())})
+    payload, specs = [], []
+    for name, (dtype, value) in arrays.items():
+        data = np.ascontiguousarray(value, dtype=_DTYPES[dtype])
+        specs.append([name, dtype, int(data.size)])
+        payload.append(data.tobytes())
+    if specs:
+        header["_arrays"] = specs
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    body = b"".join(payload)
+    crc = zlib.crc32(body, zlib.crc32(head))
+    frame = _FRAME.pack(MAGIC, FORMAT_VERSION, cls.KIND, len(head), len(body), crc)
+    return frame + head + body
+
+
+def decode(data: bytes, expect=None):
+    """The record in `data`, or MessageError. `expect`: a record class (or tuple of them) to require."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError("message is not bytes")
+    data = bytes(data)
+    if len(data) < _FRAME.size:
+        raise MessageError(f"message too short ({len(data)} bytes)")
+    magic, version, kind, head_len, body_len, crc = _FRAME.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageError("not a ggfwd federation message (bad magic)")
+    if version != FORMAT_VERSION:
+        raise MessageError(f"message format version {version}; this ggfwd speaks {FORMAT_VERSION}")
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise MessageError(f"unknown message kind {kind}")
+    if expect is not None and not issubclass(cls, expect):
+        raise MessageError(f"expected {_names(expect)}, got {cls.__name__}")
+    if head_len > MAX_HEADER:
+        raise MessageError(f"header of {head_len} bytes exceeds {MAX_HEADER}")
+    if len(data) > _MAX_MESSAGE[cls]:
+        raise MessageError(f"{cls.__name__} of {len(data)} bytes exceeds its bound of {_MAX_MESSAGE[cls]}")
+    if len(data) != _FRAME.size + head_len + body_len:
+        raise MessageError(f"message length {len(data)} does not match its frame "
+                           f"({_FRAME.size} + {head_len} + {body_len})")
+    head = data[_FRAME.size:_FRAME.size + head_len]
+    body = data[_FRAME.size + head_len:]
+    if zlib.crc32(body, zlib.crc32(head)) != crc:
+        raise MessageError("checksum mismatch: the message was damaged")
+    try:
+        header = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise MessageError("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise MessageError("header is not a JSON object")
+    values = {}
+    for name, (kind_, lo, hi) in _FIELDS[cls].items():
+        values[name] = _field(cls, header, name, kind_, lo, hi)
+    arrays = _arrays(cls, header.get("_arrays", []), body)
+    unknown = set(header) - set(_FIELDS[cls]) - {"_arrays"}
+    if unknown:
+        raise MessageError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
+    if cls is Snapshot:
+        state = {k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
+        record = Snapshot(values["version"], arrays["theta"], state, values["steps"])
+    else:
+        record = cls(**values, **arrays)
+    _check_record(record)
+    return record
+
+
+def _names(expect) -> str:
+    classes = expect if isinstance(expect, tuple) else (expect,)
+    return " or ".join(c.__name__ for c in classes)
+
+
+def _float_out(x: float):
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _field(cls, header, name, kind, lo, hi):
+    if name not in header:
+        raise MessageError(f"{cls.__name__} lacks field '{name}'")
+    value = header[name]
+    if kind == _INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MessageError(f"{cls.__name__}.{name} must be an integer")
+    else:
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MessageError(f"{cls.__name__}.{name} must be a number")
+        value = float(value)
+    if lo is not None and not (value >= lo and value <= hi):
+        raise MessageError(f"{cls.__name__}.{name} = {value} lies outside [{lo}, {hi}]")
+    return value
+
+
+def _arrays(cls, specs, body: bytes) -> dict:
+    allowed = _ARRAYS.get(cls, {})
+    if not isinstance(specs, list) or len(specs) > 16:
+        raise MessageError(f"{cls.__name__} array list is malformed")
+    out, offset = {}, 0
+    for spec in specs:
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and spec[1] in _DTYPES
+                and isinstance(spec[2], int) and not isinstance(spec[2], bool) and spec[2] >= 0):
+            raise MessageError(f"{cls.__name__} has a malformed array descriptor")
+        name, dtype, n = spec
+        if name in out:
+            raise MessageError(f"{cls.__name__} repeats array '{name}'")
+        if name in allowed:
+            want_dtype, limit = allowed[name]
+        elif cls is Snapshot and name.startswith("state.") and len(name) <= 64:
+            want_dtype, limit = "f32", MAX_SNAPSHOT_VALUES
+        else:
+            raise MessageError(f"{cls.__name__} has an unexpected array '{name}'")
+        allowed_types = want_dtype if isinstance(want_dtype, tuple) else (want_dtype,)
+        if dtype not in allowed_types or n > limit:
+            raise MessageError(f"{cls.__name__}.{name}: {dtype}[{n}] where {'|'.join(allowed_types)}[<= {limit}] "
+                               "is allowed")
+        size = n * _DTYPES[dtype].itemsize
+        if offset + size > len(body):
+            raise MessageError(f"{cls.__name__}.{name} runs past the end of the message")
+        out[name] = np.frombuffer(body, dtype=_DTYPES[dtype], count=n, offset=offset).copy()
+        if name == "clients":
+            out[name] = out[name].astype(np.uint32)
+        offset += size
+    if offset != len(body):
+        raise MessageError(f"{cls.__name__} carries {len(body) - offset} bytes no array accounts for")
+    missing = set(allowed) - set(out)
+    if missing:
+        raise MessageError(f"{cls.__name__} lacks arrays {sorted(missing)}")
+    return out
+
+
+def _check_record(record) -> None:
+    """Consistency between fields that the per-field bounds cannot see."""
+    if isinstance(record, Report):
+        if record.scalars.size == 0:
+            raise MessageError("Report carries no scalars")
+        if record.passes < record.scalars.size:
+            raise MessageError("Report claims fewer forward passes than directions")
+    if isinstance(record, Broadcast):
+        if record.clients.size != record.counts.size:
+            raise MessageError("Broadcast lists a different number of clients and counts")
+        if int(record.counts.astype(np.int64).sum()) != record.scalars.size:
+            raise MessageError("Broadcast counts do not add up to its scalars")
+        if np.any(record.counts == 0) or len(set(record.clients.tolist())) != record.clients.size:
+            raise MessageError("Broadcast lists a client twice or with no scalars")
+        if not np.all(np.isfinite(record.scalars)):
+            raise MessageError("Broadcast carries non-finite scalars")
+    if isinstance(record, Snapshot) and not np.all(np.isfinite(record.theta)):
+        raise MessageError("Snapshot carries non-finite adapter values")

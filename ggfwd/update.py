@@ -1,0 +1,100 @@
+"""The update: the one function that turns a round's aggregate into the next adapter.
+
+The server applies it, and every federated client replays it from the broadcast seeds and scalars, so it must
+give bitwise the same result wherever it runs: a `Replica` is the adapter values plus the optimizer state, and
+`Replica.apply(aggregate, step)` is the only way either changes. Single-device training, the simulated
+federation and the Flower apps all call it.
+
+An update whose result is not finite is rejected: the replica stays as it was (the optimizer's state too), and
+the caller records why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .optimizer import Optimizer
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The optimizer settings of a run: what every replica needs to apply an update."""
+
+    optimizer: str = "sgd"
+    lr: float = 2e-2
+    schedule: str = "constant"
+    warmup: int = 0
+    total_steps: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def make_optimizer(self, n: int) -> Optimizer:
+        return Optimizer(n, self.optimizer, self.lr, self.schedule, self.warmup, self.total_steps,
+                         momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+class Replica:
+    """One copy of the trained state: the adapter's flat parameters (`theta`, full length) and the optimizer
+    state over the trained coordinates `index`. `version` counts the updates attempted (applied or rejected),
+    which is the round (step) number the replica is at."""
+
+    def __init__(self, theta: np.ndarray, index: np.ndarray, rule: UpdateRule, version: int = 0):
+        self.theta = np.array(theta, dtype=np.float32, copy=True)
+        self.index = index
+        self.rule = rule
+        self.optimizer = rule.make_optimizer(int(index.size))
+        self.version = int(version)
+
+    def apply(self, aggregate: np.ndarray | None, step: int) -> str | None:
+        """Apply update `step` (must equal `version`) from the aggregate estimate over the trained coordinates.
+        None (no usable reports) or a non-finite result leaves the values unchanged; returns the reason then."""
+        if step != self.version:
+            raise ValueError(f"replica is at version {self.version}, cannot apply update {step}")
+        self.version += 1
+        if aggregate is None:
+            return "no reports"
+        new = self.optimizer.step(self.theta[self.index], aggregate, step)
+        if not np.all(np.isfinite(new)):
+            return "non-finite update"
+        self.optimizer.commit()
+        self.theta[self.index] = new
+        return None
+
+    @property
+    def trained(self) -> np.ndarray:
+        return self.theta[self.index]
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything another replica needs to continue bitwise from here."""
+        out = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+        out["theta"] = self.theta
+        out["version"] = np.asarray(self.version, dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state) -> None:
+        theta = np.asarray(state["theta"], dtype=np.float32)
+        if theta.shape != self.theta.shape:
+            raise UserError(f"adapter state holds {theta.size} values, this run's adapter has {self.theta.size}")
+        self.optimizer.load_state_dict({k.removeprefix("optimizer."): state[k] for k in state
+                                        if k.startswith("optimizer.")})
+        self.theta[...] = theta
+        self.version = int(state["version"])
+
+    def copy(self) -> "Replica":
+        other = Replica(self.theta, self.index, self.rule, self.version)
+        other.load_state_dict(self.state_dict())
+        return other
+
+
+def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0.0):
+    """The round step every party runs: aggregate the round's (client, scalars) reports from their seeds
+    (`estimator.aggregate`) and apply the update to `replica`. Returns (Aggregate, rejection reason or None).
+    The server runs it on the reports it accepted; each client runs it on the broadcast of the same reports."""
+    from .estimator import aggregate
+
+    agg = aggregate(perturbations, step, reports, clip)
+    return agg, replica.apply(agg.gradient, step)
