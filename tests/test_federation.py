@@ -378,3 +378,6 @@ def test_federate_cli_runs_resumes_and_plots(tiny, tmp_path):
     assert state["step"] == 4 and state["kind"] == "federate" and state["counters"]["bytes_up"] > 0
     r = run_cli("train", "--out", tmp_path / "run", "--resume")
     assert r.returncode == 2 and "not a 'train' run" in r.stderr
+    r = run_cli("plot", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"

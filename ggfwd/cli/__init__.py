@@ -36,6 +36,7 @@ def _register() -> None:
 
     app.command("federate", help="Federated training simulated in one process: clients with private data on "
                                  "device profiles, seeds and scalars both ways. With no arguments: an SST-2 demo.")(federate_command)
+    from .devices import app as devices_app; app.add_typer(devices_app, name="devices", help="Device profiles: list, show, compare for a model and training shape, measure this machine (bench).")  # noqa: E702
     from ..convert.commands import convert_command, export_command
 
     app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "

@@ -299,7 +299,7 @@ def _previous_metrics(out: Path) -> list[dict]:
 
 
 def plot_command(
-    rundir: Path = typer.Argument(..., help="A run folder written by ggfwd train."),
+    rundir: Path = typer.Argument(..., help="A run folder written by ggfwd train or ggfwd federate."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUNDIR/curves.png)."),
 ):
     try:
@@ -332,12 +332,15 @@ def plot_command(
     ax.legend()
     ax = axes[1]
     acc = [r for r in evals if "eval_accuracy" in r]
+    # A federation's records carry simulated time: accuracy against it is what a federation is judged by.
+    timed = bool(acc) and all("sim_seconds" in r or r["step"] == 0 for r in acc) and any("sim_seconds" in r for r in acc)
     if acc:
-        ax.plot([r["forward_passes"] for r in acc], [100 * r["eval_accuracy"] for r in acc], "o-")
+        x = [r.get("sim_seconds", 0.0) / 60 for r in acc] if timed else [r["forward_passes"] for r in acc]
+        ax.plot(x, [100 * r["eval_accuracy"] for r in acc], "o-")
         ax.set_ylabel("eval accuracy (%)")
     else:
         ax.text(0.5, 0.5, "no accuracy (generation task or no eval data)", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("training forward passes")
+    ax.set_xlabel("simulated minutes" if timed else "training forward passes")
     fig.suptitle(str(rundir))
     fig.tight_layout()
     output = output or Path(rundir) / "curves.png"

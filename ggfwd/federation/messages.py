@@ -38,7 +38,8 @@ MAX_HEADER = 16 * 1024
 MAX_DIRECTIONS = 4096  # per report
 MAX_ROUND_SCALARS = 1 << 20  # per broadcast
 MAX_SNAPSHOT_VALUES = 1 << 28  # float32 values per snapshot array (1 GiB)
-_DTYPES = {"f32": np.dtype("<f4"), "u32": np.dtype("<u4"), "u16": np.dtype("<u2")}
+_DTYPES = {"f32": np.dtype("<f4"), "u32": np.dtype("<u4"), "u16": np.dtype("<u2"), "u8": np.dtype("u1"),
+           "d8": np.dtype("u1")}  # d8: ascending ids as gaps (first id + 1, then differences), one byte each
 
 
 class MessageError(ValueError):
@@ -122,7 +123,7 @@ _FIELDS = {
 }
 _ARRAYS = {
     Report: {"scalars": ("f32", MAX_DIRECTIONS)},
-    Broadcast: {"clients": (("u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
+    Broadcast: {"clients": (("d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
                 "scalars": ("f32", MAX_ROUND_SCALARS)},
     Snapshot: {"theta": ("f32", MAX_SNAPSHOT_VALUES)},
 }
@@ -141,10 +142,9 @@ def encode(record) -> bytes:
         header[name] = int(value) if kind == _INT else _float_out(float(value))
     arrays = {}
     for name, (dtype, _) in _ARRAYS.get(cls, {}).items():
-        value = getattr(record, name)
-        if isinstance(dtype, tuple):  # the narrowest listed type that holds every value
-            dtype = next(d for d in dtype if value.size == 0 or int(np.max(value)) <= np.iinfo(_DTYPES[d]).max)
-        arrays[name] = (dtype, value)
+        arrays[name] = (dtype, getattr(record, name))
+    if cls is Broadcast:
+        arrays.update(_compact_broadcast(record))
     if cls is Snapshot:
         arrays.update({f"state.{k}": ("f32", v) for k, v in sorted(record.state.items())})
     payload, specs = [], []
@@ -211,6 +211,22 @@ def decode(data: bytes, expect=None):
     return record
 
 
+def _compact_broadcast(b: Broadcast) -> dict:
+    """The broadcast's ids and counts in their narrowest form: ids as one-byte gaps when ascending and close
+    together (else uint16, else uint32), and one count when every client sent the same number of scalars (the
+    decoder repeats it). A round's download is what every client pays, so its bytes matter most."""
+    ids = b.clients.astype(np.int64)
+    gaps = np.diff(ids, prepend=-1)
+    if ids.size and np.all(gaps >= 1) and np.all(gaps <= 255):
+        clients = ("d8", gaps)
+    else:
+        clients = ("u16" if ids.size == 0 or ids.max() <= 0xFFFF else "u32", ids)
+    counts = b.counts
+    if counts.size > 1 and np.all(counts == counts[0]):
+        counts = counts[:1]
+    return {"clients": clients, "counts": ("u16", counts)}
+
+
 def _names(expect) -> str:
     classes = expect if isinstance(expect, tuple) else (expect,)
     return " or ".join(c.__name__ for c in classes)
@@ -268,6 +284,10 @@ def _arrays(cls, specs, body: bytes) -> dict:
         if offset + size > len(body):
             raise MessageError(f"{cls.__name__}.{name} runs past the end of the message")
         out[name] = np.frombuffer(body, dtype=_DTYPES[dtype], count=n, offset=offset).copy()
+        if dtype == "d8":
+            if np.any(out[name] == 0):
+                raise MessageError(f"{cls.__name__}.{name}: a zero gap between ascending ids")
+            out[name] = np.cumsum(out[name].astype(np.int64)) - 1
         if name == "clients":
             out[name] = out[name].astype(np.uint32)
         offset += size
@@ -287,6 +307,8 @@ def _check_record(record) -> None:
         if record.passes < record.scalars.size:
             raise MessageError("Report claims fewer forward passes than directions")
     if isinstance(record, Broadcast):
+        if record.counts.size == 1 and record.clients.size > 1:  # one count for every client
+            record.counts = np.repeat(record.counts, record.clients.size)
         if record.clients.size != record.counts.size:
             raise MessageError("Broadcast lists a different number of clients and counts")
         if int(record.counts.astype(np.int64).sum()) != record.scalars.size:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..estimator import Estimator
 from ..trainer import Trainer
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
@@ -117,10 +116,10 @@ class Federation(Trainer):
         c, f = self.config, self.fed
         labels = getattr(self.train_data, "labels", None)
         self.parts = partition(f.partition, labels, len(self.train_data), f.clients, c.seed)
-        self.clients = []
-        for i, part in enumerate(self.parts):
-            estimator = Estimator(self.session, self.perturbations, c.eps, c.directions, c.scheme, c.normalize)
-            self.clients.append(Client(i, self.train_data.subset(part), estimator, c.seed, c.update_rule(), c.clip))
+        # The clients take turns on the one loaded model, so they can share the estimator's buffers; their data,
+        # replicas and seeds stay their own.
+        self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, c.update_rule(), c.clip)
+                        for i, part in enumerate(self.parts)]
         self.server = Server(self.replica, self.perturbations, c.clip, f.max_lag)
         self.hostile, self.hostile_kind = f.hostile_clients()
 

@@ -1,4 +1,6 @@
-"""Replay a finished `ggfwd train` / `bench_convergence` run from its seeds and scalars, and evaluate moving
+"""Would a moving average of a run's trajectory score better? Answered: only late in long constant-lr runs.
+
+Replay a finished `ggfwd train` / `bench_convergence` run from its seeds and scalars, and evaluate moving
 averages of its trajectory without a single training forward pass.
 
 A run's `metrics.jsonl` holds the loss-difference scalars of every step; with the run's seed they rebuild
@@ -7,20 +9,22 @@ property (the replayed adapter must equal the run's final `adapter.gguf` bitwise
 from a fresh adapter of the given --rank and --alpha) and answers "would the
 average of this trajectory have scored better?" on the same trajectory, a paired comparison.
 
-    python scripts/replay_average.py RUNDIR --model M.gguf --eval-data dev.tsv --task sst2 \
+    python scripts/research/replay_average.py RUNDIR --model M.gguf --eval-data dev.tsv --task sst2 \
         --at 100,200,400 --decays 0.98,0.99
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -42,13 +46,12 @@ def main():
 
     from ggfwd.adapter import LoraAdapter
     from ggfwd.averaging import IterateAverage
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.estimator import rebuild
-    from ggfwd.optimizer import Optimizer
+    from ggfwd.demo import demo_model, sst2_file
     from ggfwd.perturbation import Perturbations
-    from ggfwd.session import Session
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
     from ggfwd.trainer import TrainConfig, read_metrics, read_state
+    from ggfwd.update import Replica, advance
 
     state = read_state(args.rundir)
     c = TrainConfig.from_dict(state["config"])
@@ -58,15 +61,13 @@ def main():
     if max(points) > state["step"]:
         raise SystemExit(f"error: the run has {state['step']} steps, cannot evaluate at step {max(points)}")
     task = load_task(args.task)
-    with Session(args.model or demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=128,
-                 batch_tokens=1024) as s:
-        dev = tokenize_examples(load_examples(args.eval_data or sst2_dir() / "dev.tsv", task, args.eval_limit),
+    with SessionSettings(max_tokens=128, threads=args.threads).open(args.model or demo_model()) as s:
+        dev = tokenize_examples(load_examples(args.eval_data or sst2_file("dev"), task, args.eval_limit),
                                 task, s.tokenize, s.detokenize, 128)
         adapter = LoraAdapter.create(s.base, rank=args.rank, alpha=args.alpha, seed=c.seed)
         p = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
-        opt = Optimizer(p.n, c.optimizer, c.lr, c.schedule, c.warmup, c.steps, momentum=c.momentum,
-                        weight_decay=c.weight_decay)
-        theta, idx = adapter.params.copy(), p.index
+        replica = Replica(adapter.params, p.index, c.update_rule())  # the run's own update, replayed
+        theta, idx = replica.theta, p.index
         averages = {d: IterateAverage(p.n, d) for d in decays}
         s.set_adapter(adapter)
         plan = s.plan(dev)
@@ -83,12 +84,11 @@ def main():
             table.add_column(col, justify="right")
         for step in range(max(points)):
             r = records[step + 1]
-            if "rejected" not in r:
-                new = opt.step(theta[idx], rebuild(p, step, 0, r["scalars"]), step)
-                opt.commit()
-                theta[idx] = new
+            reports = [] if "rejected" in r else [(0, np.asarray(r["scalars"], np.float32))]
+            _, reason = advance(replica, p, step, reports, c.clip)
+            if reason is None:
                 for a in averages.values():
-                    a.update(new)
+                    a.update(replica.trained)
             if step + 1 in points:
                 table.add_row(str(step + 1), str(r["forward_passes"]), evaluate(theta[idx]),
                               *[evaluate(a.value()) for a in averages.values()])

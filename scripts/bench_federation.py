@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Federated against single-device training at the same number of forward passes (SST-2, Gemma-3-270M Q4_K_M).
+
+Runs, in one process on one loaded model, the same seed and training recipe:
+
+  fed        `ggfwd federate`'s simulation: --clients clients on --devices profiles with Dirichlet(--alpha) label
+             skew, --per-round clients per round, each scoring one direction on its own batch; one update per round
+  fed-iid    the same with an IID partition (isolates the label skew)
+  single     `ggfwd train`: one direction per step on one batch, one update per step
+  single-K   one device, K = --per-round directions per step on one batch (same passes per update as fed)
+
+Each is evaluated on the first --eval-limit dev rows at the same totals of forward passes, and the script prints
+accuracy and loss against passes, plus the federation's bytes per client and round next to a dense LoRA
+exchange. The expectation tested (not assumed): K clients each estimating on their own batch behave like K
+directions on K batches per update, which should beat K directions on one batch (single-K).
+
+    python scripts/bench_federation.py --threads 2                       # about 30-40 minutes on 2 cores
+    python scripts/bench_federation.py --smoke                           # seconds: tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def run_all(args) -> dict:
+    from ggfwd.federation.simulate import FedConfig, Federation
+    from ggfwd.inputs import RunInputs
+    from ggfwd.modelstats import ModelStats
+    from ggfwd.profiles import load_profile
+    from ggfwd.session import SessionSettings
+    from ggfwd.trainer import Trainer, TrainConfig
+
+    inputs = RunInputs(model=str(args.model), data=str(args.data), eval_data=str(args.eval_data), task=args.task,
+                       train_limit=args.train_limit, eval_limit=args.eval_limit, max_tokens=args.max_tokens)
+    k = args.per_round
+    base = dict(batch_size=args.batch_size, lr=args.lr, eps=args.eps, seed=args.seed, clip=args.clip)
+    runs = {
+        "fed": ("fed", dict(steps=args.rounds, eval_every=args.eval_every), f"dirichlet:{args.alpha}"),
+        "fed-iid": ("fed", dict(steps=args.rounds, eval_every=args.eval_every), "iid"),
+        "single": ("single", dict(steps=args.rounds * k, eval_every=args.eval_every * k), None),
+        "single-K": ("single", dict(steps=args.rounds, eval_every=args.eval_every, directions=k), None),
+    }
+    results = {}
+    stats = ModelStats.from_gguf(inputs.model)
+    names = []
+    for item in args.devices.split(","):
+        name, _, count = item.rpartition(":")
+        names += [name] * int(count)
+    profiles = [load_profile(n, dirs=[args.profiles] if args.profiles else None) for n in names]
+    with SessionSettings(max_tokens=inputs.max_tokens, threads=args.threads).open(inputs.model) as session:
+        train, evaluation, adapter = inputs.load(session, args.seed)
+        for label in args.runs.split(","):
+            kind, extra, part = runs[label]
+            cfg = TrainConfig(**base, **extra)
+            out = args.out / label
+            out.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            if kind == "fed":
+                fed = FedConfig(clients=len(names), clients_per_round=k, devices=args.devices, partition=part)
+                run = Federation(session, adapter.copy(), train, cfg, out, evaluation, inputs, fed=fed,
+                                 profiles=profiles, model_stats=stats)
+            else:
+                run = Trainer(session, adapter.copy(), train, cfg, out, evaluation, inputs)
+            run.run()
+            records = run.run_dir.read_metrics()
+            results[label] = {"seconds": time.perf_counter() - start, "records": records,
+                              "counters": vars(run.counters).copy(), "trained": run.perturbations.n}
+            print(f"{label}: {records[-1].get('eval_accuracy', float('nan')):.1%} after "
+                  f"{run.counters.forward_passes} passes ({results[label]['seconds']:.0f} s)", file=sys.stderr)
+    return results
+
+
+def report(results: dict, args) -> None:
+    labels = list(results)
+    evals = {lab: {r["forward_passes"]: r for r in res["records"] if "eval_accuracy" in r} for lab, res in results.items()}
+    passes = sorted(set.intersection(*(set(e) for e in evals.values())))
+    print(f"SST-2 dev (first {args.eval_limit} rows), accuracy (loss) against training forward passes")
+    print("| passes | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for p in passes:
+        cells = [f"{evals[lab][p]['eval_accuracy']:.1%} ({evals[lab][p]['eval_loss']:.3f})" for lab in labels]
+        print(f"| {p} | " + " | ".join(cells) + " |")
+    for lab in labels:
+        res = results[lab]
+        c = res["counters"]
+        line = f"{lab}: {c['step']} updates, {c['forward_passes']} passes, {res['seconds']:.0f} s wall"
+        if c.get("bytes_up"):
+            rounds = [r for r in res["records"] if r["step"] > 0]
+            reports = sum(len(r["accepted"]) for r in rounds)
+            up = c["bytes_up"] / max(1, reports)
+            bcast = [r["bytes_down"] for r in rounds[1:]]
+            dense = 4 * res["trained"]
+            line += (f"; up {up:.0f} B per report, down {c['bytes_down'] / max(1, reports):.0f} B per instructed "
+                     f"client (snapshots included); dense LoRA {dense} B each way: {dense / up:.0f}x less up; "
+                     f"simulated {c['sim_seconds'] / 60:.1f} min")
+        print(line)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--eval-data", type=Path)
+    p.add_argument("--train-limit", type=int, default=4000)
+    p.add_argument("--eval-limit", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--devices", default="laptop-x86:4,phone-midrange:4,pi5:2")
+    p.add_argument("--profiles", type=Path, help="extra profile folder")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--per-round", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=5.0)
+    p.add_argument("--eval-every", type=int, default=10, help="rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--runs", default="fed,fed-iid,single,single-K")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_federation"))
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="seconds: the tiny random model, 4 rounds")
+    args = p.parse_args()
+    from ggfwd.demo import demo_model, sst2_file
+
+    if args.smoke:
+        from smoke_model import tiny_llama
+
+        args.model = args.model or tiny_llama()[0]
+        args.rounds, args.eval_every, args.eval_limit, args.train_limit = 4, 2, 32, 400
+        args.batch_size, args.threads = 4, args.threads or 1
+    args.model = args.model or demo_model()
+    args.data = args.data or sst2_file("train")
+    args.eval_data = args.eval_data or sst2_file("dev")
+    results = run_all(args)
+    report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps({k: {"counters": v["counters"], "seconds": v["seconds"],
+                                              "evals": [r for r in v["records"] if "eval_loss" in r]}
+                                         for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
