@@ -58,7 +58,7 @@ class Task:
 
 
 BUILTIN_TASKS = {
-    # Chosen by zero-shot score on held-out SST-2 *train* rows (scripts/choose_prompt.py), never on dev.
+    # Chosen by zero-shot score on held-out SST-2 *train* rows (scripts/research/choose_prompt.py), never on dev.
     "sst2": Task("sst2", "classification", "Text: {text}\nSentiment:",
                  ("negative", "positive"), (" negative", " positive")),
     # The prompt of the naive recipe in shared/notes/llamacpp.md, kept for comparisons with it.

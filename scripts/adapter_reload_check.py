@@ -30,13 +30,13 @@ def main():
     import tinymodel
 
     from ggfwd.adapter import LoraAdapter
-    from ggfwd.session import Session
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import BUILTIN_TASKS, Example, tokenize_examples
 
     task = BUILTIN_TASKS["sst2"]
     with tempfile.TemporaryDirectory() as tmp:
         model = tinymodel.write_gguf(Path(tmp) / "tiny.gguf", tinymodel.make_weights(seed=0))
-        with Session(model, n_threads=2, max_seqs=4, seq_tokens=128, batch_tokens=256) as s:
+        with SessionSettings(batch_size=4, max_tokens=128, threads=2).open(model) as s:
             examples = [Example(text=t, label=i % 2) for i, t in enumerate(TEXTS)]
             plan = s.plan(tokenize_examples(examples, task, s.tokenize, s.detokenize, 64))
             adapter = LoraAdapter.create(s.base, rank=4, seed=1)

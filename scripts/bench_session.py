@@ -5,30 +5,40 @@ Both run in this one process on the same model, the same 16 examples and the sam
 subprocesses: model loaded alone, one plain evaluation, and scoring with adapter reloads.
 
     python scripts/bench_session.py [--model M.gguf] [--examples 16] [--rounds 8]
+    python scripts/bench_session.py --smoke      # seconds: tiny random Llama, 4 examples, 2 rounds
+
+The session is ggfwd's SessionSettings with the examples as its batch size (one sequence per example).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
+
 
 def load(args):
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.session import Session
+    from ggfwd.demo import demo_model, sst2_file
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
 
     model = args.model or str(demo_model())
     task = load_task("sst2")
-    examples = load_examples(sst2_dir() / "dev.tsv", task, limit=args.examples)
-    session = Session(model, max_seqs=args.examples, seq_tokens=128, batch_tokens=2048, n_threads=args.threads)
+    examples = load_examples(sst2_file("dev"), task, limit=args.examples)
+    session = SessionSettings(batch_size=args.examples, max_tokens=128, threads=args.threads).open(model)
     data = tokenize_examples(examples, task, session.tokenize, session.detokenize, 128)
     return session, data
 
@@ -112,16 +122,25 @@ def main():
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int)
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: scripts/smoke_model.py's random Llama (unless --model), 4 examples, 2 rounds")
     p.add_argument("--child", choices=["load", "eval", "train-scoring"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return rss_child(args)
+    if args.smoke:
+        from smoke_model import tiny_llama
+
+        args.model = args.model or str(tiny_llama("f32")[1])
+        args.examples, args.rounds = 4, 2
 
     from rich.console import Console
     from rich.table import Table
 
     result = throughput(args)
-    base = [sys.executable, __file__, "--examples", str(args.examples)] + (["--model", args.model] if args.model else [])
+    base = [sys.executable, __file__, "--examples", str(args.examples)]
+    base += ["--model", args.model] if args.model else []
+    base += ["--threads", str(args.threads)] if args.threads else []
     rss = {}
     for mode in ("load", "eval", "train-scoring"):
         out = subprocess.run(base + ["--child", mode], capture_output=True, text=True, check=True).stdout

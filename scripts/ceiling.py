@@ -14,11 +14,13 @@ the training path.
     python scripts/ceiling.py --steps 250 --part b --targets attn_q,attn_v --min-words 10
     python scripts/ceiling.py --steps 150 --optimizer sgd --lr 0.02   # ggfwd's default step, without its noise
     python scripts/ceiling.py --steps 250 --part all --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
+    python scripts/ceiling.py --smoke      # seconds: tiny random Llama (F32), 2 Adam steps, 8 dev rows
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import sys
@@ -27,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def torch_eval(model, classes, data) -> tuple[float, float]:
@@ -61,25 +64,37 @@ def main():
     ap.add_argument("--eval-limit", type=int, default=None, help="first N dev rows (default: all 872)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("ceiling-adapter.gguf"), help="adapter GGUF to write")
+    ap.add_argument("--model", type=Path, default=None, help="base GGUF (default: the demo Gemma-3-270M)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: scripts/smoke_model.py's random Llama (F32) unless --model, 2 steps of batch 4, "
+                         "lr 0.01, evaluations on 8 dev rows after each step")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.batch_size, args.lr, args.eval_every = 2, 4, 1e-2, 1
+        args.train_limit, args.min_words, args.eval_limit = 64, 0, 8
 
     import fidelity
     import torch
 
     from ggfwd.adapter import LoraAdapter
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.session import Session
+    from ggfwd.demo import demo_model, sst2_file
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
     from ggfwd.trainer import batch_indices
 
     torch.manual_seed(args.seed)
-    path, task = demo_model(), load_task("sst2")
-    with Session(path, n_threads=args.threads, max_seqs=16, seq_tokens=128) as s:
-        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, 128)
-        train = tok(load_examples(sst2_dir() / "train.tsv", task, args.train_limit, args.min_words))
-        dev = tok(load_examples(sst2_dir() / "dev.tsv", task, args.eval_limit))
+    if args.smoke and args.model is None:
+        from smoke_model import tiny_llama
+
+        args.model = tiny_llama("f32")[1]
+    path, task = args.model or demo_model(), load_task("sst2")
+    settings = SessionSettings(max_tokens=128, threads=args.threads)  # ggfwd's scoring settings (batch 16)
+    with settings.open(path) as s:
+        tok = lambda ex: tokenize_examples(ex, task, s.tokenize, s.detokenize, settings.max_tokens)
+        train = tok(load_examples(sst2_file("train"), task, args.train_limit, args.min_words))
+        dev = tok(load_examples(sst2_file("dev"), task, args.eval_limit))
         adapter = LoraAdapter.create(s.base, targets=args.targets.split(","), rank=args.rank, seed=args.seed)
-    ref = fidelity.TorchHF(path)  # the dequantized weights, LoRA forward hooks on every projection
+    ref = fidelity.TorchHF(path, args.threads)  # the dequantized weights, LoRA forward hooks on every projection
     torch.set_num_threads(args.threads)
     model, classes = ref.model, torch.as_tensor(train.classes, dtype=torch.long)
     tensors = {n: (torch.tensor(adapter.a[n], requires_grad=args.part == "all"),
@@ -125,7 +140,7 @@ def main():
         adapter.a[name][...] = a.detach().numpy()
         adapter.b[name][...] = b.detach().numpy()
     adapter.save(args.out)
-    with Session(path, n_threads=args.threads, max_seqs=16, seq_tokens=128) as s:
+    with settings.open(path) as s:
         s.set_adapter(adapter)
         scores = s.score(s.plan(dev))
     result = {"llama_cpp_q4_k_m_accuracy": scores.accuracy, "llama_cpp_q4_k_m_loss": scores.loss,

@@ -17,15 +17,18 @@ Models:
 
 Example (what the README table came from):
   python scripts/fidelity.py --model gemma --types q4_k_m,f16 --eps 0.01,0.03,0.1 --directions 64
+  python scripts/fidelity.py --smoke          # seconds: tiny F32 model, 8 directions
 Torch is used only here, never on the training path.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +36,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # tinymodel.py
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 from ggfwd.adapter import LoraAdapter  # noqa: E402
-from ggfwd.session import Session  # noqa: E402
+from ggfwd.demo import sst2_file  # noqa: E402
+from ggfwd.session import SessionSettings  # noqa: E402
 from ggfwd.tasks import load_examples, load_task, tokenize_examples  # noqa: E402
 
-WORK = Path(os.environ.get("GGFWD_FIDELITY_DIR", "/tmp/ggfwd-fidelity"))
+# Model variants and the PyTorch reference cache; created where they are written.
+WORK = Path(os.environ.get("GGFWD_FIDELITY_DIR") or Path(tempfile.gettempdir()) / "ggfwd-fidelity")
 FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
-SST2 = Path(os.environ.get("GGFWD_SST2", ROOT.parent / "shared/data/sst2"))
 
 
 # ----------------------------------------------------------------------------------- model files
@@ -166,29 +171,94 @@ class TorchTiny:
         return torch.float64
 
 
+def reference_dir(path: Path) -> Path:
+    """A float32 transformers copy of the GGUF's weights (dequantized by transformers' GGUF loader, which takes
+    minutes for Gemma), cached as safetensors + config.json + ggfwd-stamp.json in WORK; made on first use and
+    rebuilt when the GGUF changes."""
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"gguf": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = WORK / f"hf-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    stamp_file = cache / "ggfwd-stamp.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return cache
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=WORK))
+    try:
+        from safetensors.torch import save_file
+
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model: write the same layout by hand, tied
+        # tensors once (under their first name, the embedding; from_pretrained ties the output layer back)
+        tensors, seen = {}, set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                tensors[name] = t.contiguous()
+        save_file(tensors, str(build / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the copy is plain float32
+        (build / "config.json").write_text(json.dumps(config, indent=1))
+        del model, tensors
+        (build / "ggfwd-stamp.json").write_text(json.dumps(stamp))
+        shutil.rmtree(cache, ignore_errors=True)  # a stale copy
+        try:
+            os.rename(build, cache)
+        except OSError:  # another process finished first
+            if not stamp_file.is_file():
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return cache
+
+
+def load_reference(path: Path):
+    """The transformers model of reference_dir(path), float32, eager attention, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(reference_dir(path), dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+def hf_row_orders(path: Path) -> dict[str, np.ndarray]:
+    """For a llama-architecture GGUF, whose converter interleaved the rows of q and k per head (transformers' GGUF
+    loader puts them back): per attn_q / attn_k weight, the index that takes a LoRA B from GGUF row order (as
+    llama.cpp applies it) to Hugging Face row order, `b_hf = b[index]`. Empty for other architectures."""
+    from ggfwd.base import field_value, open_gguf, read_base
+    from ggfwd.convert.architectures import for_gguf_name, qk_row_permutation
+
+    base = read_base(path)
+    arch = for_gguf_name(base.arch)
+    if arch is None or not arch.permute_qk:
+        return {}
+    reader = open_gguf(path)
+    n_head = int(field_value(reader, f"{base.arch}.attention.head_count"))
+    heads = {"attn_q": n_head, "attn_k": int(field_value(reader, f"{base.arch}.attention.head_count_kv", n_head))}
+    return {name: np.argsort(qk_row_permutation(shape[0], heads[name.split(".")[2]]))
+            for name, shape in base.weight_shapes.items() if name.startswith("blk.") and name.split(".")[2] in heads}
+
+
 class TorchHF:
     """A transformers model loaded from the same GGUF, with hand-rolled LoRA forward hooks on q/v projections."""
 
     MODULES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
                "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int = 2):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(2)
-        cache = WORK / f"hf-{path.stem}.pt"  # dequantizing through gguf-py takes minutes; keep a torch copy
-        stamp = str(path.stat().st_mtime_ns)
-        if cache.exists():
-            saved = torch.load(cache, weights_only=False)
-            if saved["stamp"] == stamp:
-                self.model = AutoModelForCausalLM.from_config(saved["config"], dtype=torch.float32,
-                                                              attn_implementation="eager")
-                self.model.load_state_dict(saved["state"])
-        if not hasattr(self, "model"):
-            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32, attn_implementation="eager")
-            torch.save({"stamp": stamp, "config": self.model.config, "state": self.model.state_dict()}, cache)
+        torch.set_num_threads(threads)
+        self.model = load_reference(path)
+        self.rows = {name: torch.as_tensor(idx) for name, idx in hf_row_orders(path).items()}
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -205,6 +275,8 @@ class TorchHF:
         def hook(module, inputs, output):
             if name in self.lora:
                 a, b = self.lora[name]
+                if name in self.rows:  # B is in GGUF row order
+                    b = b[self.rows[name]]
                 return output + self.scale * (inputs[0] @ a.T) @ b.T
             return output
         return hook
@@ -285,12 +357,14 @@ def make_direction(adapter: LoraAdapter, k: int, seed: int, dist: str, part: str
     return Perturbations(adapter, seed, distribution=dist, part=part, scaling=scaling).direction(0, 0, k)
 
 
-def tiny_tokenize(session):
-    """The tiny vocabulary spells ' great' letter by letter; map the verbalizers to its whole-word pieces."""
+def tiny_tokenize(session, task):
+    """The tiny vocabulary spells the verbalizers letter by letter; map them to two of its whole-word pieces
+    (negative -> ' terrible', positive -> ' great')."""
     from tinymodel import vocab
 
     tokens = vocab()[0]
-    verb = {" terrible": [tokens.index("\u2581terrible")], " great": [tokens.index("\u2581great")]}
+    words = [[tokens.index("\u2581terrible")], [tokens.index("\u2581great")]]
+    verb = dict(zip(task.verbalizers, words))
     return lambda text, add_special=True: verb.get(text) or session.tokenize(text, add_special)
 
 
@@ -343,28 +417,37 @@ def main():
     ap.add_argument("--schemes", default="central",
                     help="comma list of central, central4 (central4 also scores +-2 eps z, which gives central at "
                          "2 eps for free)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: the tiny F32 model, 8 directions, 4 rows, eps 0.03, B ~ N(0, 0.05), 48 tokens")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.types, args.eps, args.directions, args.batch = "tiny", "f32", "0.03", 8, 4
+        args.b_init, args.max_tokens = 0.05, 48
 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
     task = load_task("sst2")
-    examples = load_examples(SST2 / "dev.tsv", task, args.offset + args.batch)[args.offset:]
+    examples = load_examples(sst2_file("dev"), task, args.offset + args.batch)[args.offset:]
     eps_list = [float(e) for e in args.eps.split(",")]
     rows: list[Row] = []
     saved: dict[str, np.ndarray] = {}
     for kind in args.types.split(","):
         path = gemma_file(kind) if args.model == "gemma" else tiny_file(kind)
         t0 = time.perf_counter()
-        ref = TorchHF(path) if args.model == "gemma" else TorchTiny(path)
+        ref = TorchHF(path, args.threads) if args.model == "gemma" else TorchTiny(path)
         console.print(f"[dim]{path.name}: {path.stat().st_size / 2**20:.0f} MiB; torch load {time.perf_counter() - t0:.1f} s")
         for kv in args.kv_f32.split(","):
             for fa in args.flash_attn.split(","):
-                session = Session(path, n_threads=args.threads, max_seqs=args.batch, seq_tokens=256,
-                                  batch_tokens=2048, max_outputs=max(args.batch, 16), kv_f32=kv == "1",
-                                  flash_attn=fa == "1")
-                tok = session.tokenize if args.model == "gemma" else tiny_tokenize(session)
+                settings = SessionSettings(batch_size=args.batch, max_tokens=args.max_tokens,
+                                           threads=args.threads, kv_type="f32" if kv == "1" else "f16",
+                                           flash_attn=fa == "1")
+                session = settings.open(path)
+                tok = session.tokenize if args.model == "gemma" else tiny_tokenize(session, task)
                 data = tokenize_examples(examples, task, tok, session.detokenize, args.max_tokens)
                 plan = session.plan(data)
                 adapter = LoraAdapter.create(session.base, targets=args.targets.split(","), rank=args.rank,

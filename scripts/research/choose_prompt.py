@@ -1,4 +1,6 @@
-"""Score candidate prompts zero-shot on held-out SST-2 *train* rows, to choose a task's template and verbalizers.
+"""Which prompt should the built-in `sst2` task use? Answered: `Text: ... Sentiment:` with negative / positive.
+
+Scores candidate prompts zero-shot on held-out SST-2 *train* rows, to choose a task's template and verbalizers.
 
 A prompt decides where training starts and how much signal the base model already carries. For each
 candidate this prints, on the same rows:
@@ -11,22 +13,24 @@ candidate this prints, on the same rows:
 Rows come from the train file at an offset far from the rows training reads first, so the choice never looks
 at dev. ggfwd's built-in `sst2` prompt was chosen this way (`sst2-plain` is the notes' prompt).
 
-    python scripts/choose_prompt.py --rows 384 --offset 30000
-    python scripts/choose_prompt.py --candidates my_prompts.toml   # [[prompt]] name, template, labels
-    python scripts/choose_prompt.py --split dev --offset 0 --rows 256   # report only, after choosing
+    python scripts/research/choose_prompt.py --rows 384 --offset 30000
+    python scripts/research/choose_prompt.py --candidates my_prompts.toml   # [[prompt]] name, template, labels
+    python scripts/research/choose_prompt.py --split dev --offset 0 --rows 256   # report only, after choosing
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 NEG_POS = {"negative": " negative", "positive": " positive"}
 TERRIBLE_GREAT = {"negative": " terrible", "positive": " great"}
@@ -75,9 +79,9 @@ def main():
     from rich.console import Console
     from rich.table import Table
 
-    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.demo import demo_model, sst2_file
     from ggfwd.errors import UserError
-    from ggfwd.session import Session
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import Task, load_examples, tokenize_examples
 
     table = Table(title=f"Zero-shot on SST-2 {args.split} rows {args.offset}..{args.offset + args.rows - 1} "
@@ -90,11 +94,11 @@ def main():
             tasks.append(Task(name, "classification", template, tuple(labels), tuple(labels.values())))
         except UserError as exc:
             sys.exit(f"error: prompt '{name}': {exc}")
-    with Session(demo_model(), n_threads=args.threads, max_seqs=16, seq_tokens=160, batch_tokens=2048) as s:
+    with SessionSettings(max_tokens=160, threads=args.threads).open(demo_model()) as s:
         for task in tasks:
-            rows = load_examples(sst2_dir() / f"{args.split}.tsv", task, args.offset + args.rows)[args.offset:]
+            rows = load_examples(sst2_file(args.split), task, args.offset + args.rows)[args.offset:]
             if not rows:
-                sys.exit(f"error: {args.split}.tsv has no rows from offset {args.offset}")
+                sys.exit(f"error: SST-2 {args.split} has no rows from offset {args.offset}")
             data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 160)
             scores = s.score(s.plan(data))
             cal = calibrated_accuracy(scores.losses, data.labels) if len(task.labels) == 2 else float("nan")

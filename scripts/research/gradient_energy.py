@@ -1,26 +1,32 @@
-"""Where the gradient of a fresh LoRA adapter lives: the share of the exact gradient's energy |g|^2 in
-each target tensor's B, against that tensor's share of the coordinates.
+"""Would perturbing some tensor kinds more help a zeroth-order step? Answered: no, G / H is about equal for all.
+
+Where the gradient of a fresh LoRA adapter lives: the share of the exact gradient's energy |g|^2 in
+each target tensor's B, against that tensor's share of the coordinates (78% of it in attn_v, 20% of the
+coordinates, on Gemma-3-270M), and the ratio that bounds a step, gradient energy over curvature.
 
 "efficiency" is the energy share over the coordinate share. It is not what bounds a zeroth-order step:
 that is the gradient energy over the curvature the same coordinates carry, `G / H` below, with G = |mean
 gradient|^2 and H = the trace of the Gauss-Newton curvature, mean over rows of p(1-p) |grad of the logit
 margin|^2 (one backward pass per row). A tensor kind with a higher G / H would be worth perturbing more.
 The exact gradients come from PyTorch autograd on the same GGUF weights (dequantized by transformers, LoRA
-applied by hand, see fidelity.py); torch is used only here, never on the training path.
+applied by hand, see scripts/fidelity.py); torch is used only here, never on the training path.
 
-    python scripts/gradient_energy.py --rows 48
-    python scripts/gradient_energy.py --rows 64 --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
+    python scripts/research/gradient_energy.py --rows 48
+    python scripts/research/gradient_energy.py --rows 64 \
+        --targets attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))  # fidelity.py
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -36,19 +42,19 @@ def main():
     from rich.table import Table
 
     from ggfwd.adapter import LoraAdapter
-    from ggfwd.demo import demo_model, sst2_dir
-    from ggfwd.session import Session
+    from ggfwd.demo import demo_model, sst2_file
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
 
     path, task = demo_model(), load_task("sst2")
-    with Session(path, n_threads=1, max_seqs=16, seq_tokens=128) as s:
-        data = tokenize_examples(load_examples(sst2_dir() / "train.tsv", task, args.rows), task, s.tokenize,
+    with SessionSettings(max_tokens=128, threads=1).open(path) as s:
+        data = tokenize_examples(load_examples(sst2_file("train"), task, args.rows), task, s.tokenize,
                                  s.detokenize, 128)
         adapter = LoraAdapter.create(s.base, targets=args.targets.split(","), rank=args.rank, seed=args.seed)
     import numpy as np
     import torch
 
-    ref = fidelity.TorchHF(path)
+    ref = fidelity.TorchHF(path, threads=1)
     tensors = {n: (torch.tensor(adapter.a[n]), torch.tensor(adapter.b[n], requires_grad=True)) for n in adapter.targets}
     classes = torch.as_tensor(data.classes, dtype=torch.long)
     mean_grad = {n: np.zeros(adapter.b[n].size) for n in adapter.targets}

@@ -1,4 +1,6 @@
-"""What limits a zeroth-order step: directional slope and curvature of the loss per adapter tensor group.
+"""Why does a larger step not help once training plateaus? Answered: slope^2 / curvature along z collapses.
+
+What limits a zeroth-order step: directional slope and curvature of the loss per adapter tensor group.
 
 For a one-direction SGD step `theta -= lr * s * z` with `s = g.z`, the loss changes by about
 `-lr s^2 + lr^2 s^2 (z'Hz) / 2`. Both terms are measured here through llama.cpp along random directions of
@@ -11,19 +13,21 @@ so the step size that helps most is `lr* = E[s^2] / E[s^2 z'Hz]` (about 1 / E[z'
 remove at best is `E[s^2] / (2 E[z'Hz])`. Compare groups at a fresh adapter and at a trained one (--adapter).
 Only numpy and ggfwd: llama.cpp does the scoring.
 
-    python scripts/step_curvature.py --adapter runs/x/adapter.gguf --groups attn_q,attn_v
+    python scripts/research/step_curvature.py --adapter runs/x/adapter.gguf --groups attn_q,attn_v
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("ggfwd") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -42,9 +46,9 @@ def main():
     from rich.table import Table
 
     from ggfwd.adapter import LoraAdapter
-    from ggfwd.demo import demo_model, sst2_dir
+    from ggfwd.demo import demo_model, sst2_file
     from ggfwd.perturbation import Perturbations
-    from ggfwd.session import Session
+    from ggfwd.session import SessionSettings
     from ggfwd.tasks import load_examples, load_task, tokenize_examples
 
     task = load_task("sst2")
@@ -52,9 +56,9 @@ def main():
                         f"{args.directions} directions per group)")
     for col in ("adapter", "group", "values", "L(0)", "mean s^2", "mean z'Hz (sd)", "lr*", "best loss drop / step"):
         table.add_column(col, justify="left" if col in ("adapter", "group") else "right")
-    with Session(demo_model(), n_threads=args.threads, max_seqs=args.rows, seq_tokens=128,
-                 batch_tokens=max(1024, 128 * args.rows)) as s:
-        rows = load_examples(sst2_dir() / "train.tsv", task, args.offset + args.rows)[args.offset:]
+    # all rows in one batch of sequences
+    with SessionSettings(batch_size=args.rows, max_tokens=128, threads=args.threads).open(demo_model()) as s:
+        rows = load_examples(sst2_file("train"), task, args.offset + args.rows)[args.offset:]
         data = tokenize_examples(rows, task, s.tokenize, s.detokenize, 128)
         fresh = LoraAdapter.create(s.base, rank=8, alpha=16.0, seed=0)
         points = [("fresh", fresh)] + [(f"{p.parent.name}/{p.name}", LoraAdapter.load(p)) for p in args.adapter]
