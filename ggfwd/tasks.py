@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UserError
+from .compat import tomllib
 from .files import read_lines, read_text
 
 

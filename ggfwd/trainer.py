@@ -156,26 +156,31 @@ class Trainer:
     def train_step(self) -> dict:
         """One round of the one-client federation: estimate, then the shared server step; returns the metrics
         record."""
-        c, k = self.config, self.counters
-        step = k.step
+        c = self.config
+        step = self.counters.step
         start = time.perf_counter()
         report, est = self.client.work(c.instruction(step))
         reports = [(self.client.id, report.scalars)] if est.finite else []
         agg, reason = advance(self.replica, self.perturbations, step, reports, c.clip)
-        if not est.finite:
-            reason = "non-finite loss"
-        if reason is None and self.average is not None:
-            self.average.update(self.replica.trained)
-        self.session.set_params(self.theta)
         record = {"step": step + 1, "loss": est.loss, "batch_accuracy": est.accuracy,
                   "lr": self.replica.optimizer.lr_at(step), "eps": c.eps,
                   "scalars": [float(x) for x in report.scalars]}
         if agg.clipped:
             record["clipped"] = agg.clipped
+        return self.close_step(record, "non-finite loss" if not est.finite else reason, est.forward_passes,
+                               est.tokens, start)
+
+    def close_step(self, record: dict, reason: str | None, passes: int, tokens: int, started: float) -> dict:
+        """After the round step: the moving average, the session back at theta, the counters, and the
+        record's running totals."""
+        k = self.counters
+        if reason is None and self.average is not None:
+            self.average.update(self.replica.trained)
+        self.session.set_params(self.theta)
         k.step += 1
-        k.forward_passes += est.forward_passes
-        k.tokens += est.tokens
-        k.seconds += time.perf_counter() - start
+        k.forward_passes += passes
+        k.tokens += tokens
+        k.seconds += time.perf_counter() - started
         if reason:
             k.rejected += 1
             self._consecutive_rejections += 1

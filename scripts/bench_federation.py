@@ -6,6 +6,7 @@ Runs, in one process on one loaded model, the same seed and training recipe:
   fed        `ggfwd federate`'s simulation: --clients clients on --devices profiles with Dirichlet(--alpha) label
              skew, --per-round clients per round, each scoring one direction on its own batch; one update per round
   fed-iid    the same with an IID partition (isolates the label skew)
+  fed-hostile  fed with its last client sending scalars x 1e6 every time it is sampled (bounded by --clip)
   single     `ggfwd train`: one direction per step on one batch, one update per step
   single-K   one device, K = --per-round directions per step on one batch (same passes per update as fed)
 
@@ -45,6 +46,7 @@ def run_all(args) -> dict:
     runs = {
         "fed": ("fed", dict(steps=args.rounds, eval_every=args.eval_every), f"dirichlet:{args.alpha}"),
         "fed-iid": ("fed", dict(steps=args.rounds, eval_every=args.eval_every), "iid"),
+        "fed-hostile": ("fed", dict(steps=args.rounds, eval_every=args.eval_every), f"dirichlet:{args.alpha}"),
         "single": ("single", dict(steps=args.rounds * k, eval_every=args.eval_every * k), None),
         "single-K": ("single", dict(steps=args.rounds, eval_every=args.eval_every, directions=k), None),
     }
@@ -64,7 +66,8 @@ def run_all(args) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             if kind == "fed":
-                fed = FedConfig(clients=len(names), clients_per_round=k, devices=args.devices, partition=part)
+                fed = FedConfig(clients=len(names), clients_per_round=k, devices=args.devices, partition=part,
+                                hostile="1:scale" if label == "fed-hostile" else "")
                 run = Federation(session, adapter.copy(), train, cfg, out, evaluation, inputs, fed=fed,
                                  profiles=profiles, model_stats=stats)
             else:

@@ -76,3 +76,13 @@ def test_the_demo_runs_from_any_folder_on_the_packaged_data(tmp_path):
     evals = [e for e in evals if "eval_accuracy" in e]
     assert [e["step"] for e in evals] == [0, 2] and all(0.55 < e["eval_accuracy"] < 0.95 for e in evals)
     assert "eval accuracy" in r.stderr
+
+
+def test_nothing_in_the_product_reads_the_shared_folder():
+    """A user's clone has no ../shared: the package, the scripts and the README must not point there."""
+    root = Path(__file__).resolve().parent.parent
+    files = [p for d in ("ggfwd", "convert", "scripts") for p in (root / d).rglob("*.py")] + [root / "README.md"]
+    assert len(files) > 30
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "../shared" not in text and "shared/data" not in text, path

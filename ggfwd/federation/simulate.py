@@ -179,17 +179,10 @@ class Federation(Trainer):
             losses.append(est.loss)
             clients_scalars[str(i)] = [float(x) for x in report.scalars]
         _, agg, reason = self.server.close_round(r, accepted)
-        if reason is None and self.average is not None:
-            self.average.update(self.replica.trained)
-        self.session.set_params(self.theta)
         seconds = round_time(times, deadline)
-        k.step += 1
-        k.forward_passes += passes
-        k.tokens += tokens
         k.bytes_up += up
         k.bytes_down += down
         k.sim_seconds += seconds
-        k.seconds += time.perf_counter() - wall
         record = {"step": r + 1, "round_seconds": seconds, "sim_seconds": round(k.sim_seconds, 4),
                   "online": len(online), "selected": selected, "accepted": [cs[0] for cs in accepted],
                   "scalars": clients_scalars, "lr": self.replica.optimizer.lr_at(r), "eps": c.eps,
@@ -197,16 +190,8 @@ class Federation(Trainer):
                   **{key: v for key, v in events.items() if v}}
         if losses:
             record["loss"] = float(np.mean(losses))
-        if reason:
-            k.rejected += 1
-            self._consecutive_rejections += 1
-            record["rejected"] = reason
-        else:
-            k.applied += 1
-            self._consecutive_rejections = 0
-        record.update(forward_passes=k.forward_passes, tokens=k.tokens, seconds=round(k.seconds, 4),
-                      total_bytes_up=k.bytes_up, total_bytes_down=k.bytes_down)
-        return record
+        record.update(total_bytes_up=k.bytes_up, total_bytes_down=k.bytes_down)
+        return self.close_step(record, reason, passes, tokens, wall)
 
     def _misbehave(self, i: int, report) -> None:
         if i not in self.hostile:
