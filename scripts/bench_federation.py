@@ -83,27 +83,26 @@ def run_all(args) -> dict:
 
 def report(results: dict, args) -> None:
     labels = list(results)
-    evals = {lab: {r["forward_passes"]: r for r in res["records"] if "eval_accuracy" in r} for lab, res in results.items()}
-    passes = sorted(set.intersection(*(set(e) for e in evals.values())))
-    print(f"SST-2 dev (first {args.eval_limit} rows), accuracy (loss) against training forward passes")
-    print("| passes | " + " | ".join(labels) + " |")
+    evals = {lab: [r for r in res["records"] if "eval_accuracy" in r] for lab, res in results.items()}
+    print(f"SST-2 dev (first {args.eval_limit} rows): accuracy (loss) @ training forward passes, at each evaluation")
+    print("| evaluation | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
-    for p in passes:
-        cells = [f"{evals[lab][p]['eval_accuracy']:.1%} ({evals[lab][p]['eval_loss']:.3f})" for lab in labels]
-        print(f"| {p} | " + " | ".join(cells) + " |")
+    for i in range(max(len(e) for e in evals.values())):
+        cells = [f"{e[i]['eval_accuracy']:.1%} ({e[i]['eval_loss']:.3f}) @ {e[i]['forward_passes']}" if i < len(e)
+                 else "" for e in evals.values()]
+        print(f"| {i} | " + " | ".join(cells) + " |")
     for lab in labels:
         res = results[lab]
         c = res["counters"]
         line = f"{lab}: {c['step']} updates, {c['forward_passes']} passes, {res['seconds']:.0f} s wall"
         if c.get("bytes_up"):
-            rounds = [r for r in res["records"] if r["step"] > 0]
-            reports = sum(len(r["accepted"]) for r in rounds)
-            up = c["bytes_up"] / max(1, reports)
-            bcast = [r["bytes_down"] for r in rounds[1:]]
-            dense = 4 * res["trained"]
-            line += (f"; up {up:.0f} B per report, down {c['bytes_down'] / max(1, reports):.0f} B per instructed "
-                     f"client (snapshots included); dense LoRA {dense} B each way: {dense / up:.0f}x less up; "
-                     f"simulated {c['sim_seconds'] / 60:.1f} min")
+            from ggfwd.federation.simulate import traffic
+
+            b, dense = traffic(res["records"]), 4 * res["trained"]
+            line += (f"; per client and round: up {b['up']:.0f} B, down {b['down']:.0f} B (instruction and missed "
+                     f"broadcasts) + {b['snapshots']} snapshots of {b['snapshot_bytes']:.0f} B for joining clients; "
+                     f"dense LoRA {dense} B each way: {dense / b['up']:.0f}x more up, {dense / b['down']:.0f}x more "
+                     f"down; simulated {c['sim_seconds'] / 60:.1f} min")
         print(line)
 
 
@@ -132,7 +131,19 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_federation"))
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="seconds: the tiny random model, 4 rounds")
+    p.add_argument("--report", action="store_true", help="print the table from the run folders in --out, no runs")
     args = p.parse_args()
+    if args.report:
+        from ggfwd.rundir import read_metrics, read_state
+
+        results = {}
+        for label in args.runs.split(","):
+            state = read_state(args.out / label)
+            results[label] = {"records": read_metrics(args.out / label), "counters": state["counters"],
+                              "seconds": state["counters"]["seconds"] + state["counters"]["eval_seconds"],
+                              "trained": state["perturbations"]["coordinates"]}
+        report(results, args)
+        return
     from ggfwd.demo import demo_model, sst2_file
 
     if args.smoke:

@@ -36,7 +36,7 @@ source = "test"
 overhead_s = 0.01
 source = "test"
 [speed.gflops]
-f32 = {gflops}
+default = {gflops}
 [network]
 up_mbps = 10
 down_mbps = 40
@@ -371,7 +371,7 @@ def test_federate_cli_runs_resumes_and_plots(tiny, tmp_path):
             "--eval-every", 2]
     r = run_cli(*args, "--rounds", 2, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
-    assert "ggfwd federate" in r.stderr and "bytes per round" in r.stderr
+    assert "ggfwd federate" in r.stderr and "bytes per client and round: up" in " ".join(r.stderr.split())
     r = run_cli(*args, "--rounds", 4, "--out", tmp_path / "run", "--resume")
     assert r.returncode == 0, r.stderr
     state = json.loads((tmp_path / "run" / "state.json").read_text())

@@ -195,3 +195,22 @@ def test_bench_convergence_smoke(tmp_path, env, smoke_model):
     assert not list(out_dir.glob("*.pkl")) and (out_dir / "tokens.json").is_file()
     report = run("bench_convergence.py", ["--report", str(out_dir)], tmp_path, env)  # the finished runs only
     assert re.search(r"ggfwd\W+naive\W+torch", report) and "passes to 88%" in report
+
+
+@pytest.mark.slow
+def test_bench_federation_smoke(env, smoke_model, tmp_path):
+    out = run("bench_federation.py", ["--smoke", "--model", str(smoke_model), "--out", str(tmp_path / "runs"),
+                                      "--json", str(tmp_path / "r.json")], tmp_path, env)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| evaluation")]
+    assert len(rows) == 3, out  # evaluations at 0, 2 and 4 rounds
+    first = rows[0].split("|")[2:-1]
+    assert len(first) == 4 and len({cell.strip() for cell in first}) == 1  # every run starts from the same adapter
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert set(saved) == {"fed", "fed-iid", "single", "single-K"}
+    fed, single = saved["fed"]["counters"], saved["single"]["counters"]
+    assert fed["step"] == 4 and single["step"] == 16 and single["forward_passes"] == 32
+    assert 0 < fed["forward_passes"] <= 32 and fed["bytes_up"] > 0 and fed["sim_seconds"] > 0
+    assert re.search(rf"fed: 4 updates, \d+ passes, .* up ({FLOAT}) B", out), out
+    again = run("bench_federation.py", ["--report", "--smoke", "--out", str(tmp_path / "runs")], tmp_path, env)
+    assert [line for line in again.splitlines() if line.startswith("| ")] == \
+        [line for line in out.splitlines() if line.startswith("| ")]

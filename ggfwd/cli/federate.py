@@ -126,11 +126,14 @@ def _run_live(fed, out: Path) -> None:
                 err.print(f"round {r['step']}: refused client {i}: {why}")
 
         fed.run(on_step=on_round)
-    rounds = max(1, k.step)
     err.print(f"done: {k.step} rounds ({k.rejected} without an update), simulated {k.sim_seconds / 60:.1f} min, "
               f"{k.forward_passes} forward passes, {k.seconds:.0f} s of CPU time + {k.eval_seconds:.0f} s evaluation")
-    err.print(f"bytes per round: up {k.bytes_up / rounds:.0f}, down {k.bytes_down / rounds:.0f} "
-              f"(dense LoRA exchange of the trained values: {4 * fed.perturbations.n} each way per client)")
+    from ..federation.simulate import traffic
+
+    b = traffic(fed.run_dir.read_metrics())
+    err.print(f"bytes per client and round: up {b['up']:.0f}, down {b['down']:.0f} (instruction and missed broadcasts; "
+              f"plus {b['snapshots']} adapter snapshots of {b['snapshot_bytes']:.0f} bytes for joining clients); "
+              f"a dense LoRA exchange would be {4 * fed.perturbations.n} each way")
     if state["acc"] is not None:
         err.print(f"eval accuracy {state['acc0']:.1%} at start -> {state['acc']:.1%}")
     err.print(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}   plot: ggfwd plot {out}")
@@ -141,3 +144,4 @@ def _note(state: dict, r: dict) -> None:
         state["acc"] = r["eval_accuracy"]
         if r["step"] == 0:
             state["acc0"] = r["eval_accuracy"]
+

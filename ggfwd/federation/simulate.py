@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..trainer import Trainer
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
-from .messages import MessageError, decode, encode
+from .messages import MessageError, Snapshot, decode, encode
 from .partition import parse_spec, partition
 from .server import Server
 
@@ -142,6 +142,7 @@ class Federation(Trainer):
         online, selected, drops = self.select(r)
         accepted, times, events = [], [], {"dropped": [], "late": [], "refused": {}, "snapshots": 0}
         losses, passes, tokens, up, down, clients_scalars, client_seconds = [], 0, 0, 0, 0, {}, {}
+        snapshot_bytes = 0
         for i in selected:
             client, profile = self.clients[i], self.profiles[i]
             catch_up = self.server.catch_up(client.version)
@@ -149,7 +150,9 @@ class Federation(Trainer):
             down_bytes = sum(map(len, catch_up)) + len(instruction)
             down += down_bytes
             messages = [decode(m) for m in catch_up]
-            events["snapshots"] += sum(type(m).__name__ == "Snapshot" for m in messages)
+            snapshots = [len(raw) for raw, m in zip(catch_up, messages) if isinstance(m, Snapshot)]
+            events["snapshots"] += len(snapshots)
+            snapshot_bytes += sum(snapshots)
             try:
                 client.sync(messages)
             except NeedsAdapter:  # cannot happen with a consistent server; kept as the protocol says
@@ -186,7 +189,8 @@ class Federation(Trainer):
         record = {"step": r + 1, "round_seconds": seconds, "sim_seconds": round(k.sim_seconds, 4),
                   "online": len(online), "selected": selected, "accepted": [cs[0] for cs in accepted],
                   "scalars": clients_scalars, "lr": self.replica.optimizer.lr_at(r), "eps": c.eps,
-                  "client_seconds": client_seconds, "bytes_up": up, "bytes_down": down, "clipped": agg.clipped,
+                  "client_seconds": client_seconds, "bytes_up": up, "bytes_down": down,
+                  "snapshot_bytes": snapshot_bytes, "clipped": agg.clipped,
                   **{key: v for key, v in events.items() if v}}
         if losses:
             record["loss"] = float(np.mean(losses))
@@ -215,3 +219,15 @@ class Federation(Trainer):
         if state.get("federation") != asdict(self.fed):
             raise UserError("a resumed federation keeps its settings (--clients, --devices, --partition, ...)")
         return super().resume()  # clients restart empty and rejoin by snapshot
+
+
+def traffic(records: list[dict]) -> dict:
+    """Mean bytes per instructed client and round, up and down (snapshots apart), from a run's metrics."""
+    rounds = [r for r in records if r.get("step", 0) > 0 and "selected" in r]
+    instructed = sum(len(r["selected"]) for r in rounds) or 1
+    reports = sum(len(r["client_seconds"]) for r in rounds) or 1
+    snapshot_bytes = sum(r.get("snapshot_bytes", 0) for r in rounds)
+    snapshots = sum(r.get("snapshots", 0) for r in rounds)
+    return {"up": sum(r["bytes_up"] for r in rounds) / reports,
+            "down": (sum(r["bytes_down"] for r in rounds) - snapshot_bytes) / instructed,
+            "snapshots": snapshots, "snapshot_bytes": snapshot_bytes / max(1, snapshots)}
