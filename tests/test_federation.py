@@ -155,10 +155,11 @@ def test_messages_round_trip_and_their_sizes_are_the_counted_bytes(tiny, tmp_pat
     back = decode(data, Report)
     assert np.array_equal(back.scalars, report.scalars) and back.tokens == 1234 and back.round == 3
     assert len(data) <= 1024  # 16 directions per client: at most 1 KiB up
-    entries = [(c, rng.normal(size=10).astype(np.float32)) for c in range(20)]
-    bcast = encode(Broadcast.of(5, entries))
-    assert len(bcast) <= 1024  # 200 directions in a round: at most 1 KiB down per client
-    assert [(c, s.tolist()) for c, s in decode(bcast).entries()] == [(c, s.tolist()) for c, s in entries]
+    for clients, per in ((range(20), 10), (range(50), 4), (range(200), 1), (range(0, 600, 3), 1), ([7], 200)):
+        entries = [(c, rng.normal(size=per).astype(np.float32)) for c in clients]
+        bcast = encode(Broadcast.of(5, entries))
+        assert len(bcast) <= 1024, (len(entries), per)  # 200 directions in a round: at most 1 KiB down per client
+        assert [(c, s.tolist()) for c, s in decode(bcast).entries()] == [(c, s.tolist()) for c, s in entries]
     ins = Instruction(4, 4, 2, 3, 8, 0.1, float("inf"))
     assert decode(encode(ins)) == ins
     snap = Snapshot(2, rng.normal(size=100).astype(np.float32), {"m": np.ones(40, np.float32)}, 2)

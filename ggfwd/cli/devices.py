@@ -40,8 +40,19 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _origin(p) -> str:
+    """Where the speed comes from, in a few words: the bench run, or the first cited address."""
+    import re
+
+    text = p.section("speed").get("source", "")
+    if "ggfwd devices bench" in text and "bench" in p.raw:
+        return f"measured by ggfwd devices bench, {p.raw['bench'].get('date', '')}"
+    url = re.search(r"https?://[^\s)]+", text)
+    return f"cited: {url.group(0).rstrip('.,;')}" if url else _short(text, 60)
+
+
 def _rates(p) -> str:
-    return ", ".join(f"{r:,.0f} @ {q}" for q, r in p.gflops.items())
+    return ", ".join(f"{q} {r:,.0f}" for q, r in p.gflops.items())
 
 
 @app.command("list", help="List every device profile found, with the source of its numbers.")
@@ -58,7 +69,7 @@ def list_command(profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSO
     for p in found:
         table.add_row(p.name, p.kind, p.os, p.backend, str(p.threads),
                       f"{p.memory_budget_mib / 1024:.1f} / {p.memory_total_mib / 1024:.1f}", _rates(p),
-                      _short(p.section("speed").get("source", ""), 90))
+                      _origin(p))
     Console().print(table)
 
 
@@ -112,13 +123,15 @@ def _comparison(names, model, rank, targets, batch_size, tokens, directions, opt
     for p in devices:
         mem = predict_memory(stats, shape, runtime_bytes=int(p.runtime_mib * MIB), backend=p.backend)
         s_pass = p.seconds_per_pass(stats, shape.tokens_per_pass, shape.outputs_per_pass, shape.tokens)
-        rate, quant, exact = p.rate(stats.quant)
+        flops = stats.flops_per_pass(shape.tokens_per_pass, shape.outputs_per_pass, shape.tokens)
+        by_type = stats.flops_by_type(shape.tokens_per_pass, shape.outputs_per_pass, shape.tokens)
         per_step = shape.passes_per_step * s_pass
         rows.append({
             "profile": p.name, "kind": p.kind, "backend": p.backend, "threads": p.threads,
             "memory_bytes": mem.total, "memory_parts": mem.as_dict(), "budget_bytes": p.memory_budget_bytes,
             "fits": mem.total <= p.memory_budget_bytes, "headroom_bytes": p.memory_budget_bytes - mem.total,
-            "gflops": rate, "rate_quant": quant, "rate_assumed": not exact,
+            "gflop_per_pass": flops / 1e9, "effective_gflops": flops / 1e9 / max(s_pass - p.overhead_s, 1e-12),
+            "rates_used": {k: {"gflops": p.rate(k)[0], "from": p.rate(k)[1], "gflop": f / 1e9} for k, f in by_type.items()},
             "seconds_per_pass": s_pass, "seconds_per_perturbation": 2 * s_pass, "seconds_per_step": per_step,
             "perturbations_per_minute": 60.0 / (2 * s_pass), "seconds_per_1000_passes": 1000 * s_pass,
         })
@@ -171,14 +184,14 @@ def compare_command(
     for r in result["devices"]:
         fits = (f"[green]yes[/] (+{r['headroom_bytes'] / MIB:,.0f})" if r["fits"]
                 else f"[red]no[/] (short {-r['headroom_bytes'] / MIB:,.0f})")
-        rate = f"{r['gflops']:,.0f}" + ("*" if r["rate_assumed"] else "")
+        rate = f"{r['effective_gflops']:,.0f}"
         table.add_row(r["profile"], f"{r['backend']} x{r['threads']}", f"{r['memory_bytes'] / MIB:,.0f}",
                       f"{r['budget_bytes'] / MIB:,.0f}", fits, rate, f"{r['seconds_per_pass']:.3g}",
                       f"{r['seconds_per_perturbation']:.3g}", f"{r['perturbations_per_minute']:.3g}",
                       _duration(r["seconds_per_1000_passes"]))
     Console().print(table)
-    if any(r["rate_assumed"] for r in result["devices"]):
-        err.print(f"* no figure for {m['quant']} on that device: its rate for another type is assumed")
+    err.print(f"{result['devices'][0]['gflop_per_pass']:,.1f} GFLOP per pass; GFLOP/s: each device's rates "
+              "(by weight type, or its default) applied to this model's mix of types")
     if plot is not None:
         err.print(f"wrote {plot}")
 
@@ -310,13 +323,12 @@ def bench_command(
     for col in ("model", "tokens/pass", "s/pass", "tokens/s", "fit s/pass", "step peak MiB", "predicted MiB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for b in benches:
-        rate = rates[b.stats.quant]
         for q in b.points:
-            fit = overhead + q.flops / (rate * 1e9)
+            fit = overhead + sum(f / (rates.get(k, rates["default"]) * 1e9) for k, f in q.flops.items())
             table.add_row(b.stats.name, str(q.tokens), f"{q.seconds:.3f}", f"{q.tokens / q.seconds:.0f}", f"{fit:.3f}",
                           f"{b.step_peak_rss / MIB:,.0f}", f"{b.predicted.total / MIB:,.0f}")
     Console().print(table)
-    Console().print(f"speed model: {', '.join(f'{r:.1f} GFLOP/s at {q}' for q, r in rates.items())}, "
+    Console().print(f"speed model: {', '.join(f'{r:.1f} GFLOP/s for {q}' for q, r in rates.items())}, "
                     f"overhead {overhead * 1000:.1f} ms per pass")
     for b in benches:
         if b.calibration is not None:

@@ -39,7 +39,9 @@ MAX_DIRECTIONS = 4096  # per report
 MAX_ROUND_SCALARS = 1 << 20  # per broadcast
 MAX_SNAPSHOT_VALUES = 1 << 28  # float32 values per snapshot array (1 GiB)
 _DTYPES = {"f32": np.dtype("<f4"), "u32": np.dtype("<u4"), "u16": np.dtype("<u2"), "u8": np.dtype("u1"),
-           "d8": np.dtype("u1")}  # d8: ascending ids as gaps (first id + 1, then differences), one byte each
+           "d8": np.dtype("u1"), "b1": np.dtype("u1")}
+# d8: ascending ids as gaps (first id + 1, then differences), one byte each; b1: ids as a bitmap (bit i of the
+# little-endian bit order set for id i), for many clients out of a small population
 
 
 class MessageError(ValueError):
@@ -123,7 +125,7 @@ _FIELDS = {
 }
 _ARRAYS = {
     Report: {"scalars": ("f32", MAX_DIRECTIONS)},
-    Broadcast: {"clients": (("d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
+    Broadcast: {"clients": (("b1", "d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
                 "scalars": ("f32", MAX_ROUND_SCALARS)},
     Snapshot: {"theta": ("f32", MAX_SNAPSHOT_VALUES)},
 }
@@ -217,10 +219,15 @@ def _compact_broadcast(b: Broadcast) -> dict:
     decoder repeats it). A round's download is what every client pays, so its bytes matter most."""
     ids = b.clients.astype(np.int64)
     gaps = np.diff(ids, prepend=-1)
-    if ids.size and np.all(gaps >= 1) and np.all(gaps <= 255):
-        clients = ("d8", gaps)
-    else:
-        clients = ("u16" if ids.size == 0 or ids.max() <= 0xFFFF else "u32", ids)
+    ascending = bool(ids.size) and bool(np.all(gaps >= 1))
+    options = [("u16" if ids.size == 0 or ids.max() <= 0xFFFF else "u32", ids)]
+    if ascending and np.all(gaps <= 255):
+        options.append(("d8", gaps))
+    if ascending and ids.max() < 8 * MAX_ROUND_SCALARS:
+        bits = np.zeros(int(ids.max()) + 1, dtype=np.uint8)
+        bits[ids] = 1
+        options.append(("b1", np.packbits(bits, bitorder="little")))
+    clients = min(options, key=lambda o: o[1].size * _DTYPES[o[0]].itemsize)
     counts = b.counts
     if counts.size > 1 and np.all(counts == counts[0]):
         counts = counts[:1]
@@ -288,6 +295,8 @@ def _arrays(cls, specs, body: bytes) -> dict:
             if np.any(out[name] == 0):
                 raise MessageError(f"{cls.__name__}.{name}: a zero gap between ascending ids")
             out[name] = np.cumsum(out[name].astype(np.int64)) - 1
+        elif dtype == "b1":
+            out[name] = np.flatnonzero(np.unpackbits(out[name], bitorder="little"))
         if name == "clients":
             out[name] = out[name].astype(np.uint32)
         offset += size
