@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError
@@ -69,7 +70,7 @@ def list_command(profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSO
     for p in found:
         table.add_row(p.name, p.kind, p.os, p.backend, str(p.threads),
                       f"{p.memory_budget_mib / 1024:.1f} / {p.memory_total_mib / 1024:.1f}", _rates(p),
-                      _origin(p))
+                      escape(_origin(p)))
     Console().print(table)
 
 
@@ -82,24 +83,24 @@ def show_command(name: str = typer.Argument(..., help="Profile name or path to a
     if as_json:
         print(json.dumps(p.as_dict()))
         return
-    table = Table(title=f"{p.name}: {p.description}", show_lines=True)
+    table = Table(title=escape(f"{p.name}: {p.description}"), show_lines=True)
     table.add_column("field")
     table.add_column("value")
     table.add_column("source")
-    table.add_row("device", f"{p.kind}, {p.os}, {p.backend} backend, {p.threads} threads", p.source)
+    table.add_row("device", f"{p.kind}, {p.os}, {p.backend} backend, {p.threads} threads", escape(p.source))
     for section in ("memory", "speed", "numerics", "network", "availability"):
         values = {k: v for k, v in p.section(section).items() if k != "source"}
         if not values:
             continue
         shown = "\n".join(f"{k} = {json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items())
-        table.add_row(section, shown, p.section(section).get("source", ""))
+        table.add_row(section, escape(shown), escape(p.section(section).get("source", "")))
     bench = p.section("bench")
     if bench:
         points = bench.pop("points", [])
         shown = "\n".join(f"{k} = {v}" for k, v in bench.items())
         shown += "".join(f"\n{q['model']}: {q['tokens']} tokens, {q['seconds']:.3f} s" for q in points)
-        table.add_row("bench", shown, "what the ggfwd devices bench run recorded")
-    table.add_row("file", p.path, "")
+        table.add_row("bench", escape(shown), "what the ggfwd devices bench run recorded")
+    table.add_row("file", escape(p.path), "")
     Console().print(table)
 
 
