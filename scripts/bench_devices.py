@@ -26,6 +26,7 @@ PyTorch / ggfwd seconds per pass >= 1.5 at 270M and >= 3 at 1.1B.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -331,6 +332,9 @@ def main():
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     torch_models = {m.strip() for m in args.torch.split(",")}
     check_models = {m.strip() for m in args.backprop_check.split(",")}
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        print("PyTorch or transformers is not installed: the PyTorch columns are left out", flush=True)
+        torch_models, check_models = set(), set()
     what_if = {m.strip() for m in args.what_if.split(",") if m.strip()}
     shape = TrainingShape(batch_size=args.batch, tokens=args.tokens)
     print(f"profile {profile.name} ({profile.threads} threads), running with {args.threads} thread(s), "

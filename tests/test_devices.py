@@ -177,3 +177,23 @@ def test_bad_models_and_bench_arguments_exit_2(env, tiny_model, tmp_path):
         assert_user_error(run("devices", "bench", "--model", tiny_model, *args, env=env), fragment)
     assert_user_error(run("devices", "bench", "--model", tmp_path / "nope.gguf", env=env), "model file not found")
     assert not (tmp_path / "a.toml").exists() and not (tmp_path / "p.txt").exists()
+
+
+def test_bench_devices_script_smoke(tmp_path):
+    """scripts/bench_devices.py --smoke: a random tiny llama written tensor by tensor and quantized, a training
+    step measured in a subprocess against the memory and speed models (and PyTorch beside it when installed),
+    the model deleted afterwards."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_devices.py"
+    out = tmp_path / "result.json"
+    r = subprocess.run([sys.executable, script, "--smoke", "--workdir", tmp_path / "models", "--json", out],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "peak RSS MiB pred/meas" in r.stdout and "tiny" in r.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "tiny" and row["quant"] == "q4_k_m"
+    assert row["predicted_rss"] == pytest.approx(row["measured_rss"], rel=0.2)
+    assert row["measured_s"] > 0 and row["torch_backprop"]["total"] > row["torch_backprop"]["weights"] > 0
+    assert not list((tmp_path / "models").glob("*.gguf"))  # the random model is deleted afterwards
