@@ -23,7 +23,7 @@ from .adapter import LoraAdapter
 from .averaging import IterateAverage
 from .errors import UserError
 from .estimator import Estimator, check_settings
-from .federation.client import Client, batch_indices
+from .federation.client import Client, batch_indices  # noqa: F401  (batch_indices re-exported for the CLI and scripts)
 from .federation.messages import Instruction
 from .inputs import RunInputs
 from .perturbation import Perturbations

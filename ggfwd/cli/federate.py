@@ -6,7 +6,6 @@ profiles with Dirichlet(0.5) label skew, 4 per round, 30 rounds, evaluated on 25
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.progress import TextColumn
 
-from ..errors import UserError
 from ..progress import progress_bar
 from .train import _inputs_given, _previous_metrics, resolve_run, session_settings
 from .options import flag
