@@ -379,6 +379,15 @@ def test_federate_cli_runs_resumes_and_plots(tiny, tmp_path):
     assert state["step"] == 4 and state["kind"] == "federate" and state["counters"]["bytes_up"] > 0
     r = run_cli("train", "--out", tmp_path / "run", "--resume")
     assert r.returncode == 2 and "not a 'train' run" in r.stderr
+    at = args.index("--clients-per-round") + 1
+    changed = args[:at] + [3] + args[at + 1:]  # not the run's 2
+    r = run_cli(*changed, "--rounds", 5, "--out", tmp_path / "run", "--resume")
+    assert r.returncode == 2 and "--clients-per-round 3 differs from the run's 2" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 4
+    r = run_cli("federate", "--out", tmp_path / "run", "--resume", "--rounds", 5, "--threads", 1,
+                "--profiles", tiny["profiles"])  # the run's own settings, from its folder
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 5
     r = run_cli("plot", tmp_path / "run")
     import importlib.util
 

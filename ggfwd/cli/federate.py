@@ -23,18 +23,20 @@ DEMO = {"steps": 30, "eval_every": 10, "batch_size": 8, "lr": 0.01, "clip": 5.0}
 DEMO_DEVICES = "laptop-x86:4,phone-midrange:4,pi5:2"
 _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
                 "eval_every", "checkpoint_every", "clip")
+_FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "dropout",
+                       "hostile")
 
 
 def federate_command(
     clients: Optional[int] = typer.Option(None, "--clients", help="Number of clients (devices) [default: 10]."),
     devices: Optional[str] = typer.Option(None, "--devices", help=f"Device profiles as PROFILE:COUNT,... adding up to --clients [default: {DEMO_DEVICES}]."),
-    partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA (label skew) or count:N1,N2,..."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="iid, dirichlet:ALPHA (label skew) or count:N1,N2,... [default: dirichlet:0.5]."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help=f"Rounds (one update each) [default: {DEMO['steps']}]."),
-    clients_per_round: int = typer.Option(4, "--clients-per-round", help="Clients sampled per round (among those online)."),
-    deadline: float = typer.Option(0.0, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all)."),
-    max_lag: int = typer.Option(10, "--max-lag", help="Rounds a client may miss and still catch up from broadcasts; further behind it gets the adapter."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded)."),
-    hostile: str = typer.Option("", "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
+    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online) [default: 4]."),
+    deadline: Optional[float] = typer.Option(None, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all) [default: 0]."),
+    max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Rounds a client may miss and still catch up from broadcasts; further behind it gets the adapter [default: 10]."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded) [default: 0]."),
+    hostile: Optional[str] = typer.Option(None, "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
     clip: Optional[float] = typer.Option(None, "--clip", help=f"Limit scalars to CLIP x the median client's median |s| (0: off) [default: {DEMO['clip']}]."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
@@ -69,12 +71,8 @@ def federate_command(
     given = {k: v for k, v in locals().items() if k in _FED_OPTIONS and v is not None}
     run = resolve_run("federate", given, _inputs_given(locals()), out, resume, DEMO)
     config, inputs = run.config, run.inputs
-    if run.state is not None:
-        fed = FedConfig(**run.state["federation"])
-    else:
-        fed = FedConfig(clients=10 if clients is None else clients, clients_per_round=clients_per_round,
-                        devices=devices if devices is not None else (DEMO_DEVICES if clients is None else ""),
-                        partition=partition, deadline=deadline, max_lag=max_lag, dropout=dropout, hostile=hostile)
+    fed_given = {k: v for k, v in locals().items() if k in _FEDERATION_OPTIONS and v is not None}
+    fed = _federation_config(fed_given, None if run.state is None else run.state["federation"])
     fed.check()
     profiles = _load_profiles(fed.device_names(), profiles_dir)
     from ..modelstats import ModelStats
@@ -88,6 +86,27 @@ def federate_command(
         if resume:
             federation.resume()
         _run_live(federation, run.out)
+
+
+def _federation_config(given: dict, saved: Optional[dict]):
+    """The federation's settings: from the options (demo defaults filled in) for a new run; from the run folder
+    when resuming, refusing options that would change them (a resumed federation keeps its clients and data)."""
+    from dataclasses import fields
+
+    from ..errors import UserError
+    from ..federation.simulate import FedConfig
+
+    if saved is not None:
+        known = {f.name for f in fields(FedConfig)}
+        fed = FedConfig(**{k: v for k, v in saved.items() if k in known})
+        for k, v in given.items():
+            if v != getattr(fed, k):
+                raise UserError(f"--{k.replace('_', '-')} {v} differs from the run's {getattr(fed, k)}; a resumed "
+                                f"federation keeps its clients, devices and partition (only --rounds may change)")
+        return fed
+    if "devices" not in given and "clients" not in given:
+        given["devices"] = DEMO_DEVICES
+    return FedConfig(**given)
 
 
 def _load_profiles(names: list[str], folder: Optional[Path]) -> list:
