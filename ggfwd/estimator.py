@@ -108,12 +108,15 @@ class Estimator:
         return self.session.score(plan)
 
     def estimate(self, theta: np.ndarray, plan, step: int, client: int = 0,
-                 directions: int | None = None) -> StepEstimate:
+                 directions: int | None = None, indices=None) -> StepEstimate:
         """Evaluate the directions (client, step, 0..K-1) around `theta` (full flat vector) on `plan`; K is
-        `directions`, by default the estimator's own count."""
+        `directions`, by default the estimator's own count. `indices`: score the directions (client, step, j)
+        for these j instead (candidate sampling, see ggfwd.sampling)."""
         p = self.perturbations
         idx, eps = p.index, self.eps
         n_dir = self.directions if directions is None else int(directions)
+        if indices is not None:
+            n_dir = len(indices)
         check_settings(eps, n_dir, self.scheme, self.normalize)
         plus = np.zeros(n_dir)
         two_sided = self.scheme in ("central", "central4")
@@ -125,7 +128,7 @@ class Estimator:
             loss_zero, passes, tokens = s.loss, 1, s.n_tokens
             accs.append(s.accuracy)
         for k in range(n_dir):
-            z = p.masked(step, client, k, out=self._z)
+            z = p.masked(step, client, k if indices is None else int(indices[k]), out=self._z)
             s = self._score(theta, idx, eps * z, plan)
             plus[k] = s.loss
             passes, tokens = passes + 1, tokens + s.n_tokens
@@ -208,7 +211,8 @@ def clip_threshold(reports, clip: float) -> float:
 
 def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.0,
               out: np.ndarray | None = None) -> Aggregate:
-    """The round's estimate from (client, scalars) pairs: every direction weighs the same,
+    """The round's estimate from (client, scalars) pairs, or (client, scalars, indices) triples whose scalar k
+    belongs to direction (step, client, indices[k]) (candidate sampling): every direction weighs the same,
     `g = sum_{c,k} s_ck z_ck / N` over the N scalars of all usable reports. With `clip` > 0 each scalar is
     first limited to +-`clip_threshold` (an outlier or hostile client's scalars cannot exceed what honest
     clients send). Reports with non-finite or no scalars are left out. One client's report gives its mean
@@ -216,22 +220,22 @@ def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.
 
     The result is a pure function of the inputs, so the server and every client replaying the round get the
     same bits."""
-    usable = [(int(c), np.asarray(s, dtype=np.float32)) for c, s in reports]
-    usable = [(c, s) for c, s in usable if s.size and np.all(np.isfinite(s))]
+    usable = [(int(r[0]), np.asarray(r[1], dtype=np.float32), r[2] if len(r) > 2 else None) for r in reports]
+    usable = [(c, s, i) for c, s, i in usable if s.size and np.all(np.isfinite(s))]
     if not usable:
         return Aggregate(None, 0, 0, 0, float("inf"))
-    threshold = clip_threshold(usable, clip)
-    n = sum(s.size for _, s in usable)
+    threshold = clip_threshold([(c, s) for c, s, _ in usable], clip)
+    n = sum(s.size for _, s, _ in usable)
     total = np.zeros(perturbations.n, dtype=np.float32) if out is None else out
     total[...] = 0
     z = np.empty(perturbations.n, dtype=np.float32)
     clipped = 0
-    for client, scalars in usable:
+    for client, scalars, indices in usable:
         values = scalars.astype(np.float64)
         if np.isfinite(threshold):
             clipped += int(np.count_nonzero(np.abs(values) > threshold))
             values = np.clip(values, -threshold, threshold)
         for k, s in enumerate(values):
-            perturbations.masked(step, client, k, out=z)
+            perturbations.masked(step, client, k if indices is None else int(indices[k]), out=z)
             total += np.float32(s / n) * z
     return Aggregate(total, len(usable), n, clipped, threshold)

@@ -47,6 +47,13 @@ class Replica:
         self.rule = rule
         self.optimizer = rule.make_optimizer(int(index.size))
         self.version = int(version)
+        self.last_update: np.ndarray | None = None  # kept once `track_updates` is called (candidate sampling)
+
+    def track_updates(self) -> None:
+        """Keep the change each applied update makes to the trained values (`last_update`, zero until the first
+        one): discriminative sampling ranks candidates against it, so every replica must hold the same."""
+        if self.last_update is None:
+            self.last_update = np.zeros(self.index.size, dtype=np.float32)
 
     def apply(self, aggregate: np.ndarray | None, step: int) -> str | None:
         """Apply update `step` (must equal `version`) from the aggregate estimate over the trained coordinates.
@@ -60,6 +67,8 @@ class Replica:
         if not np.all(np.isfinite(new)):
             return "non-finite update"
         self.optimizer.commit()
+        if self.last_update is not None:
+            self.last_update = (new - self.theta[self.index]).astype(np.float32)
         self.theta[self.index] = new
         return None
 
@@ -73,6 +82,8 @@ class Replica:
         out = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
         out["theta"] = self.theta
         out["version"] = np.asarray(self.version, dtype=np.int64)
+        if self.last_update is not None:
+            out["last_update"] = self.last_update
         return out
 
     def load_state_dict(self, state) -> None:
@@ -83,6 +94,12 @@ class Replica:
                                         if k.startswith("optimizer.")})
         self.theta[...] = theta
         self.version = int(state["version"])
+        if "last_update" in state:
+            last = np.asarray(state["last_update"], dtype=np.float32)
+            if last.shape != (self.index.size,):
+                raise UserError(f"adapter state holds a last update of {last.size} values, this run trains "
+                                f"{self.index.size}")
+            self.last_update = last.copy()
 
     def copy(self) -> "Replica":
         other = Replica(self.theta, self.index, self.rule, self.version)

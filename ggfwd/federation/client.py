@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import sampling
 from ..estimator import Estimator, StepEstimate
 from ..update import Replica, UpdateRule, advance
 from .messages import Broadcast, Instruction, MessageError, Report, Snapshot
@@ -72,14 +73,38 @@ class Client:
             raise NeedsAdapter(f"client {self.id} is at version {self.version}, the round needs {instruction.version}")
         if instruction.eps != self.estimator.eps:
             raise MessageError(f"instruction eps {instruction.eps} differs from the run's {self.estimator.eps}")
-        session = self.estimator.session
-        batch = batch_indices(self.seed, instruction.round, len(self.data), instruction.batch_size, self.id)
-        plan = session.plan(self.data.subset(batch))
-        est = self.estimator.estimate(self.replica.theta, plan, instruction.round, self.id, instruction.directions)
+        plan = self.batch_plan(instruction.round, instruction.batch_size)
+        if not instruction.candidates:
+            est = self.estimator.estimate(self.replica.theta, plan, instruction.round, self.id,
+                                          instruction.directions)
+            indices = None
+        else:
+            est, indices = self._sampled(instruction, plan)
         losses = est.losses_plus if est.losses_minus is None else np.concatenate([est.losses_plus, est.losses_minus])
         report = Report(instruction.round, self.id, instruction.version, est.scalars, est.loss,
-                        float(np.std(losses)), est.tokens, est.forward_passes)
+                        float(np.std(losses)), est.tokens, est.forward_passes, indices)
         return report, est
+
+    def batch_plan(self, round_: int, batch_size: int):
+        """The scoring plan of this client's batch for a round (its tokens decide the round's cost)."""
+        batch = batch_indices(self.seed, round_, len(self.data), batch_size, self.id)
+        return self.estimator.session.plan(self.data.subset(batch))
+
+    def _sampled(self, instruction: Instruction, plan) -> tuple[StepEstimate, np.ndarray]:
+        """Score K directions chosen among the instruction's candidates (ggfwd.sampling); a candidate drawn twice
+        is scored once. The importance weights are folded into the scalars."""
+        mode = {code: name for name, code in sampling.CODES.items()}.get(instruction.sampling)
+        if mode in (None, "random") or instruction.directions > instruction.candidates:
+            raise MessageError(f"instruction asks for {instruction.directions} of {instruction.candidates} "
+                               f"candidates with sampling code {instruction.sampling}")
+        self.replica.track_updates()
+        cos = sampling.cosines(self.estimator.perturbations, instruction.round, self.id, instruction.candidates,
+                               self.replica.last_update)
+        indices, weights = sampling.choose(mode, cos, instruction.directions, self.seed, instruction.round, self.id)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        est = self.estimator.estimate(self.replica.theta, plan, instruction.round, self.id, indices=unique)
+        est.scalars = (est.scalars[inverse].astype(np.float64) * weights).astype(np.float32)
+        return est, indices.astype(np.uint16)
 
 
 def replica_from_snapshot(snapshot: Snapshot, perturbations, rule: UpdateRule) -> Replica:
@@ -89,7 +114,9 @@ def replica_from_snapshot(snapshot: Snapshot, perturbations, rule: UpdateRule) -
     replica = Replica(snapshot.theta, perturbations.index, rule, snapshot.version)
     state = {"theta": snapshot.theta, "version": np.asarray(snapshot.version),
              "optimizer.t": np.asarray(snapshot.steps)}
-    state.update({f"optimizer.{k}": v for k, v in snapshot.state.items()})
+    state.update({f"optimizer.{k}": v for k, v in snapshot.state.items() if k != "last_update"})
+    if "last_update" in snapshot.state:  # the server tracks updates (candidate sampling): so must the client
+        state["last_update"] = snapshot.state["last_update"]
     try:
         replica.load_state_dict(state)
     except Exception as exc:  # a snapshot for another adapter layout or optimizer
@@ -99,5 +126,7 @@ def replica_from_snapshot(snapshot: Snapshot, perturbations, rule: UpdateRule) -
 
 def snapshot_of(replica: Replica) -> Snapshot:
     state = replica.optimizer.state_dict()
-    return Snapshot(replica.version, replica.theta.copy(),
-                    {k: np.asarray(v, np.float32) for k, v in state.items() if k != "t"}, int(state["t"]))
+    arrays = {k: np.asarray(v, np.float32) for k, v in state.items() if k != "t"}
+    if replica.last_update is not None:
+        arrays["last_update"] = replica.last_update.copy()
+    return Snapshot(replica.version, replica.theta.copy(), arrays, int(state["t"]))

@@ -12,11 +12,15 @@ raises `MessageError` with a one-line reason; nothing of it reaches the model.
 
 Records:
 - `Instruction` (server -> client): do round R on adapter version V with K directions of a batch of B
-  examples at eps, within `deadline` simulated seconds.
+  examples at eps, within `deadline` simulated seconds; optionally choose the K directions among C candidates
+  (`candidates`, `sampling`: see ggfwd.sampling).
 - `Report` (client -> server): the K loss-difference scalars (float32) of round R, with loss statistics,
-  tokens scored and forward passes.
-- `Broadcast` (server -> clients): the round's accepted (client, scalars) lists, from which every client
-  replays the update.
+  tokens scored and forward passes; with candidates, the candidate index (uint16) of each scalar.
+- `Broadcast` (server -> clients): the round's accepted (client, scalars[, indices]) lists, from which every
+  client replays the update.
+
+Optional fields and arrays (the candidate sampling ones) are written only when used, so a run without them
+sends the same bytes as before; a decoder that does not know them refuses them.
 - `Snapshot` (server -> a client that joins late or fell too far behind): the adapter values and optimizer
   state at a version.
 """
@@ -36,6 +40,7 @@ _FRAME = struct.Struct("<4sHHIII")  # magic, version, kind, header length, paylo
 
 MAX_HEADER = 16 * 1024
 MAX_DIRECTIONS = 4096  # per report
+MAX_CANDIDATES = 0xFFFF  # candidate indices travel as uint16
 MAX_ROUND_SCALARS = 1 << 20  # per broadcast
 MAX_SNAPSHOT_VALUES = 1 << 28  # float32 values per snapshot array (1 GiB)
 _DTYPES = {"f32": np.dtype("<f4"), "u32": np.dtype("<u4"), "u16": np.dtype("<u2"), "u8": np.dtype("u1"),
@@ -58,6 +63,8 @@ class Instruction:
     batch_size: int
     eps: float
     deadline: float  # simulated seconds the round allows (inf: none)
+    candidates: int = 0  # > 0: choose the directions among candidates 0..C-1 (see ggfwd.sampling); 0: 0..K-1
+    sampling: int = 0  # with candidates: 1 discriminative (top-K by |cosine|), 2 unbiased (importance-weighted)
 
     KIND = 1
 
@@ -72,6 +79,7 @@ class Report:
     loss_std: float  # their standard deviation
     tokens: int
     passes: int
+    indices: np.ndarray | None = None  # uint16, the candidate index of each scalar (only when instructed)
 
     KIND = 2
 
@@ -82,22 +90,33 @@ class Broadcast:
     clients: np.ndarray  # uint32 (sent as uint16 when every id fits), the clients whose reports were accepted
     counts: np.ndarray  # uint16, scalars per client
     scalars: np.ndarray  # float32, all accepted scalars, client after client
+    indices: np.ndarray | None = None  # uint16 per scalar: its candidate index, when the round sampled candidates
 
     KIND = 3
 
     @classmethod
-    def of(cls, round_: int, reports: list[tuple[int, np.ndarray]]) -> "Broadcast":
-        clients = np.asarray([c for c, _ in reports], dtype=np.uint32)
-        counts = np.asarray([len(s) for _, s in reports], dtype=np.uint16)
-        scalars = (np.concatenate([np.asarray(s, np.float32) for _, s in reports]) if reports
+    def of(cls, round_: int, reports: list[tuple]) -> "Broadcast":
+        """From (client, scalars) pairs, or (client, scalars, indices) triples when the round sampled
+        candidates."""
+        clients = np.asarray([r[0] for r in reports], dtype=np.uint32)
+        counts = np.asarray([len(r[1]) for r in reports], dtype=np.uint16)
+        scalars = (np.concatenate([np.asarray(r[1], np.float32) for r in reports]) if reports
                    else np.zeros(0, np.float32))
-        return cls(round_, clients, counts, scalars)
+        indices = None
+        if any(len(r) > 2 and r[2] is not None for r in reports):
+            if not all(len(r) > 2 and r[2] is not None for r in reports):
+                raise ValueError("a broadcast's reports either all carry candidate indices or none does")
+            indices = np.concatenate([np.asarray(r[2], np.uint16) for r in reports])
+        return cls(round_, clients, counts, scalars, indices)
 
-    def entries(self) -> list[tuple[int, np.ndarray]]:
-        """(client, scalars) pairs in order."""
+    def entries(self) -> list[tuple]:
+        """(client, scalars) pairs in order; (client, scalars, indices) triples when the round sampled
+        candidates."""
         ends = np.cumsum(self.counts.astype(np.int64))
         starts = ends - self.counts
-        return [(int(c), self.scalars[a:b]) for c, a, b in zip(self.clients, starts, ends)]
+        if self.indices is None:
+            return [(int(c), self.scalars[a:b]) for c, a, b in zip(self.clients, starts, ends)]
+        return [(int(c), self.scalars[a:b], self.indices[a:b]) for c, a, b in zip(self.clients, starts, ends)]
 
 
 @dataclass
@@ -123,14 +142,18 @@ _FIELDS = {
     Broadcast: {"round": (_INT, 0, 2**40)},
     Snapshot: {"version": (_INT, 0, 2**40), "steps": (_INT, 0, 2**40)},
 }
+# Optional fields (name -> (type, min, max, default)): encoded only when not at their default, so the messages
+# of a run that does not use them keep their bytes; a decoder that predates them refuses them (unknown field).
+_OPTIONAL = {Instruction: {"candidates": (_INT, 0, MAX_CANDIDATES, 0), "sampling": (_INT, 0, 2, 0)}}
+_OPTIONAL_ARRAYS = {Report: {"indices": ("u16", MAX_DIRECTIONS)}, Broadcast: {"indices": ("u16", MAX_ROUND_SCALARS)}}
 _ARRAYS = {
     Report: {"scalars": ("f32", MAX_DIRECTIONS)},
     Broadcast: {"clients": (("b1", "d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
                 "scalars": ("f32", MAX_ROUND_SCALARS)},
     Snapshot: {"theta": ("f32", MAX_SNAPSHOT_VALUES)},
 }
-_MAX_MESSAGE = {Instruction: 4096, Report: 4096 + 4 * MAX_DIRECTIONS,
-                Broadcast: MAX_HEADER + 10 * MAX_ROUND_SCALARS, Snapshot: MAX_HEADER + 3 * 4 * MAX_SNAPSHOT_VALUES}
+_MAX_MESSAGE = {Instruction: 4096, Report: 4096 + 6 * MAX_DIRECTIONS,
+                Broadcast: MAX_HEADER + 12 * MAX_ROUND_SCALARS, Snapshot: MAX_HEADER + 3 * 4 * MAX_SNAPSHOT_VALUES}
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -142,9 +165,15 @@ def encode(record) -> bytes:
     for name, (kind, _, _) in _FIELDS[cls].items():
         value = getattr(record, name)
         header[name] = int(value) if kind == _INT else _float_out(float(value))
+    for name, (kind, _, _, default) in _OPTIONAL.get(cls, {}).items():
+        if getattr(record, name) != default:
+            header[name] = int(getattr(record, name))
     arrays = {}
     for name, (dtype, _) in _ARRAYS.get(cls, {}).items():
         arrays[name] = (dtype, getattr(record, name))
+    for name, (dtype, _) in _OPTIONAL_ARRAYS.get(cls, {}).items():
+        if getattr(record, name) is not None:
+            arrays[name] = (dtype, getattr(record, name))
     if cls is Broadcast:
         arrays.update(_compact_broadcast(record))
     if cls is Snapshot:
@@ -200,8 +229,11 @@ def decode(data: bytes, expect=None):
     values = {}
     for name, (kind_, lo, hi) in _FIELDS[cls].items():
         values[name] = _field(cls, header, name, kind_, lo, hi)
+    for name, (kind_, lo, hi, _) in _OPTIONAL.get(cls, {}).items():
+        if name in header:
+            values[name] = _field(cls, header, name, kind_, lo, hi)
     arrays = _arrays(cls, header.get("_arrays", []), body)
-    unknown = set(header) - set(_FIELDS[cls]) - {"_arrays"}
+    unknown = set(header) - set(_FIELDS[cls]) - set(_OPTIONAL.get(cls, {})) - {"_arrays"}
     if unknown:
         raise MessageError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
     if cls is Snapshot:
@@ -266,7 +298,8 @@ def _field(cls, header, name, kind, lo, hi):
 
 
 def _arrays(cls, specs, body: bytes) -> dict:
-    allowed = _ARRAYS.get(cls, {})
+    required = _ARRAYS.get(cls, {})
+    allowed = {**required, **_OPTIONAL_ARRAYS.get(cls, {})}
     if not isinstance(specs, list) or len(specs) > 16:
         raise MessageError(f"{cls.__name__} array list is malformed")
     out, offset = {}, 0
@@ -302,7 +335,7 @@ def _arrays(cls, specs, body: bytes) -> dict:
         offset += size
     if offset != len(body):
         raise MessageError(f"{cls.__name__} carries {len(body) - offset} bytes no array accounts for")
-    missing = set(allowed) - set(out)
+    missing = set(required) - set(out)
     if missing:
         raise MessageError(f"{cls.__name__} lacks arrays {sorted(missing)}")
     return out
@@ -313,7 +346,10 @@ def _check_record(record) -> None:
     if isinstance(record, Report):
         if record.scalars.size == 0:
             raise MessageError("Report carries no scalars")
-        if record.passes < record.scalars.size:
+        scored = record.scalars.size if record.indices is None else np.unique(record.indices).size
+        if record.indices is not None and record.indices.size != record.scalars.size:
+            raise MessageError("Report carries a different number of candidate indices and scalars")
+        if record.passes < scored:
             raise MessageError("Report claims fewer forward passes than directions")
     if isinstance(record, Broadcast):
         if record.counts.size == 1 and record.clients.size > 1:  # one count for every client
@@ -326,5 +362,7 @@ def _check_record(record) -> None:
             raise MessageError("Broadcast lists a client twice or with no scalars")
         if not np.all(np.isfinite(record.scalars)):
             raise MessageError("Broadcast carries non-finite scalars")
+        if record.indices is not None and record.indices.size != record.scalars.size:
+            raise MessageError("Broadcast carries a different number of candidate indices and scalars")
     if isinstance(record, Snapshot) and not np.all(np.isfinite(record.theta)):
         raise MessageError("Snapshot carries non-finite adapter values")

@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..sampling import check_indices
 from ..update import Replica, advance
 from .client import snapshot_of
 from .messages import Broadcast, Instruction, MessageError, Report, decode, encode
@@ -47,16 +48,20 @@ class Server:
         return [encode(snapshot_of(self.replica))]
 
     def instruct(self, round_: int, client: int, directions: int, batch_size: int, eps: float,
-                 deadline: float = float("inf")) -> bytes:
+                 deadline: float = float("inf"), candidates: int = 0, sampling: int = 0) -> bytes:
+        """The instruction for `client` this round. `candidates` > 0 with `sampling` (ggfwd.sampling.CODES):
+        the client chooses its directions among that many candidates and reports their indices."""
         if round_ != self.version:
             raise ValueError(f"server is at version {self.version}, cannot instruct round {round_}")
-        instruction = Instruction(round_, self.version, client, directions, batch_size, eps, deadline)
+        instruction = Instruction(round_, self.version, client, directions, batch_size, eps, deadline,
+                                  candidates, sampling)
         self._expected[client] = instruction
         return encode(instruction)
 
     # ----------------------------------------------------------------- uplink
-    def accept(self, data: bytes) -> tuple[int, np.ndarray]:
-        """(client, scalars) of a valid report for this round; MessageError (one line) otherwise."""
+    def accept(self, data: bytes) -> tuple:
+        """(client, scalars) of a valid report for this round, or (client, scalars, indices) when the round
+        sampled candidates; MessageError (one line) otherwise."""
         report = decode(data, Report)
         instruction = self._expected.get(report.client)
         if instruction is None:
@@ -69,11 +74,19 @@ class Server:
                                f"{instruction.directions} directions")
         if not np.all(np.isfinite(report.scalars)):
             raise MessageError(f"client {report.client} sent non-finite scalars")
+        if instruction.candidates:
+            why = check_indices(report.indices, instruction.directions, instruction.candidates, instruction.sampling)
+            if why:
+                raise MessageError(f"client {report.client}: {why}")
+        elif report.indices is not None:
+            raise MessageError(f"client {report.client} sent candidate indices it was not asked for")
         del self._expected[report.client]  # one report per client and round
+        if instruction.candidates:
+            return report.client, report.scalars, report.indices
         return report.client, report.scalars
 
     # ----------------------------------------------------------------- the round step
-    def close_round(self, round_: int, accepted: list[tuple[int, np.ndarray]]):
+    def close_round(self, round_: int, accepted: list[tuple]):
         """Apply the round from the accepted reports. Returns (encoded broadcast, Aggregate, rejection reason)."""
         if round_ != self.version:
             raise ValueError(f"server is at version {self.version}, cannot close round {round_}")
