@@ -36,6 +36,13 @@ def _register() -> None:
 
     app.command("federate", help="Federated training simulated in one process: clients with private data on "
                                  "device profiles, seeds and scalars both ways. With no arguments: an SST-2 demo.")(federate_command)
+    from .serve import certs_command, join_command, serve_command
+
+    app.command("serve", help="Coordinate a federation across machines on Flower: start a SuperLink and run the "
+                              "rounds; nodes join with ggfwd join (needs the federated extra).")(serve_command)
+    app.command("join", help="Join a federation started by ggfwd serve as a Flower SuperNode, training on this "
+                             "device's own data (needs the federated extra).")(join_command)
+    app.command("certs", help="Make a CA, a server certificate and node keys for ggfwd serve on a LAN.")(certs_command)
     from .devices import app as devices_app; app.add_typer(devices_app, name="devices", help="Device profiles: list, show, compare for a model and training shape, measure this machine (bench).")  # noqa: E702
     from ..convert.commands import convert_command, export_command
 

@@ -1,0 +1,184 @@
+"""A node's side of a remote federation (run by Flower's ClientApp for `ggfwd join`): its own data, model copy
+and replica, in a node folder that outlives each message.
+
+The node folder holds `node.json` (what `ggfwd join` was given: model, data, profile, client id, threads, task)
+and `replica.npz` (the node's replica of the trained state and the client id it holds, for one run). A message
+is handled in a fresh process, so everything a node keeps between rounds is in that folder, written atomically.
+
+A train message is the records `Server.catch_up` and `Server.instruct` produced, in order. The node applies the
+snapshot or broadcasts (skipping broadcasts it already applied), answers `need` when it cannot reach the
+instructed version, else scores its batch with the unchanged `Client` and answers with the `Report`. Every record
+is decoded with bounds (`messages.decode`); the run's settings (from the server) are checked like a command
+line's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..files import atomic_write
+from .messages import Broadcast, Instruction, MessageError, Snapshot, decode, encode
+
+NODE_FILE = "node.json"
+REPLICA_FILE = "replica.npz"
+MAX_RUN_SETTINGS = 64 * 1024
+
+
+@dataclass
+class NodeSettings:
+    model: str
+    data: str
+    profile: str = ""
+    client: int | None = None  # the client id asked for (None: the server assigns one)
+    threads: int | None = None
+    task: str | None = None  # None: the run's task
+
+    def check(self) -> None:
+        from ..base import check_gguf_file
+
+        check_gguf_file(Path(self.model), "model")
+        if not Path(self.data).is_file():
+            raise UserError(f"training data file not found: {self.data}")
+        if self.client is not None and not 0 <= self.client < 2**32:
+            raise UserError(f"--client-id must be >= 0, got {self.client}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if len(self.profile) > 64:
+            raise UserError("--profile names a profile of at most 64 characters")
+
+    def write(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / NODE_FILE
+        data = {"model": str(Path(self.model).resolve()), "data": str(Path(self.data).resolve()),
+                "profile": self.profile, "client": self.client, "threads": self.threads, "task": self.task}
+        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "NodeSettings":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**{k: d[k] for k in ("model", "data", "profile", "client", "threads", "task")})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"node settings {path} cannot be read: {exc}") from None
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Size and SHA-256 of the first and last MiB: enough to tell two different GGUFs apart cheaply."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def parse_run(text) -> dict:
+    """The run settings a server sends (`remote.run_settings` as JSON), bounded and checked."""
+    from ..inputs import RunInputs
+    from ..trainer import TrainConfig
+
+    if not isinstance(text, str) or len(text) > MAX_RUN_SETTINGS:
+        raise MessageError("run settings are missing or too long")
+    try:
+        run = json.loads(text)
+        config = TrainConfig.from_dict(run["config"])
+        inputs = RunInputs(model="", data="", **{k: run["inputs"][k] for k in
+                                                  ("task", "min_words", "rank", "alpha", "targets", "max_tokens")})
+        fingerprint = str(run["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MessageError(f"run settings are malformed: {exc}") from None
+    config.check()
+    return {"config": config, "inputs": inputs, "model": fingerprint,
+            "key": hashlib.sha256(text.encode()).hexdigest()[:32]}
+
+
+class Node:
+    def __init__(self, settings_path: str | os.PathLike):
+        self.settings = NodeSettings.read(settings_path)
+        self.folder = Path(settings_path).parent
+
+    # ----------------------------------------------------------------- state between messages
+    def _held(self, run_key: str) -> tuple[int | None, dict | None]:
+        """(client id, replica arrays) kept for this run, or (asked-for id, None)."""
+        path = self.folder / REPLICA_FILE
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+                if str(arrays.pop("run")) == run_key:
+                    return int(arrays.pop("client")), arrays
+            except (OSError, ValueError, KeyError):
+                pass  # damaged: start again from a snapshot
+        return self.settings.client, None
+
+    def _keep(self, run_key: str, client: int, replica) -> None:
+        arrays = {**replica.state_dict(), "run": np.asarray(run_key), "client": np.asarray(client, np.int64)}
+        atomic_write(self.folder / REPLICA_FILE, lambda f: np.savez(f, **arrays))
+
+    # ----------------------------------------------------------------- messages
+    def hello(self, run_text) -> bytes:
+        from ..tasks import load_examples, load_task
+        from .remote import hello_reply
+
+        run = parse_run(run_text)
+        client, arrays = self._held(run["key"])
+        version = int(arrays["version"]) if arrays is not None else None
+        task = load_task(self.settings.task or run["inputs"].task)
+        examples = len(load_examples(self.settings.data, task, None, run["inputs"].min_words))
+        return hello_reply(client, version, self.settings.profile, examples)
+
+    def train(self, run_text, payload: list) -> tuple[str, list[bytes]]:
+        """("report", [report]) or ("need", []): the node cannot reach the instructed adapter version."""
+        from ..cli.train import session_settings
+        from ..estimator import Estimator
+        from ..perturbation import Perturbations
+        from ..update import Replica
+        from .client import Client, NeedsAdapter
+
+        run = parse_run(run_text)
+        messages = [decode(m) for m in payload]
+        if not messages or not isinstance(messages[-1], Instruction) or \
+                not all(isinstance(m, (Snapshot, Broadcast)) for m in messages[:-1]):
+            raise MessageError("a train message is snapshots or broadcasts followed by one instruction")
+        instruction = messages[-1]
+        asked = self.settings.client
+        if asked is not None and instruction.client != asked:
+            raise MessageError(f"instructed as client {instruction.client}; this node is client {asked}")
+        if model_fingerprint(self.settings.model) != run["model"]:
+            raise UserError(f"{self.settings.model} is not the run's model")
+        c = run["config"]
+        inputs = run["inputs"]
+        inputs.model, inputs.data = self.settings.model, self.settings.data
+        inputs.task = self.settings.task or inputs.task
+        with session_settings(inputs, self.settings.threads).open(inputs.model) as session:
+            train, _, adapter = inputs.load(session, c.seed)
+            perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
+            estimator = Estimator(session, perturbations, c.eps, c.directions, c.scheme, c.normalize)
+            session.set_adapter(adapter)
+            held_client, arrays = self._held(run["key"])
+            replica = None
+            if arrays is not None and held_client == instruction.client:
+                replica = Replica(adapter.params, perturbations.index, c.update_rule())
+                replica.load_state_dict(arrays)
+            client = Client(instruction.client, train, estimator, c.seed, c.update_rule(), c.clip, replica=replica)
+            have = client.version
+            todo = [m for m in messages[:-1] if not (isinstance(m, Broadcast) and have is not None and m.round < have)]
+            try:
+                client.sync(todo)
+                if client.version != instruction.version:
+                    raise NeedsAdapter(f"at version {client.version}, the round needs {instruction.version}")
+            except NeedsAdapter:
+                return "need", []
+            self._keep(run["key"], client.id, client.replica)
+            report, _ = client.work(instruction)
+        return "report", [encode(report)]
