@@ -24,7 +24,8 @@ DEMO_DEVICES = "laptop-x86:4,phone-midrange:4,pi5:2"
 _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
                 "eval_every", "checkpoint_every", "clip")
 _FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "dropout",
-                       "hostile")
+                       "hostile", "allocation", "pacing", "target", "max_directions", "pacing_max", "downweight",
+                       "sampling", "candidates")
 
 
 def federate_command(
@@ -37,6 +38,14 @@ def federate_command(
     max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Rounds a client may miss and still catch up from broadcasts; further behind it gets the adapter [default: 10]."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded) [default: 0]."),
     hostile: Optional[str] = typer.Option(None, "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="Directions per client: uniform (--directions each), schedule (FwdLLM's 1-3-5-10 by progress) or speed (as many as fit the round's deadline by the device profile) [default: uniform]."),
+    pacing: Optional[str] = typer.Option(None, "--pacing", help="Directions per round: fixed, or variance (raised while the scalars' variance is above its starting level; logged per round) [default: fixed]."),
+    target: Optional[int] = typer.Option(None, "--target", help="Directions per round for --allocation speed and --pacing variance (0: clients per round x directions) [default: 0]."),
+    max_directions: Optional[int] = typer.Option(None, "--max-directions", help="Most directions one client gets in a round with --allocation speed [default: 16]."),
+    pacing_max: Optional[int] = typer.Option(None, "--pacing-max", help="Most directions per round --pacing variance may ask for [default: 64]."),
+    downweight: Optional[float] = typer.Option(None, "--downweight", help="Down-weight clients that miss deadlines in sampling: decay of their miss count per round (0: off) [default: 0]."),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help="random, discriminative (top-K of --candidates by |cosine| with the last update) or unbiased (importance-weighted) [default: random]."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Candidate directions per client and round for --sampling discriminative/unbiased [default: 64]."),
     clip: Optional[float] = typer.Option(None, "--clip", help=f"Limit scalars to CLIP x the median client's median |s| (0: off) [default: {DEMO['clip']}]."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),

@@ -25,15 +25,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .. import sampling
 from ..errors import UserError
+from ..estimator import passes_per_step
 from ..trainer import Trainer
+from .allocation import ALLOCATIONS, PACINGS, Cost, MissWeights, VariancePacer, allocate
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
-from .messages import MessageError, Snapshot, decode, encode
+from .messages import MAX_CANDIDATES, MAX_DIRECTIONS, MessageError, Snapshot, decode, encode
 from .partition import parse_spec, partition
 from .server import Server
 
 _SELECT_STREAM = 0x5E1EC7
+_INSTRUCTION_BOUND = 256  # bytes: an instruction is about 120-150 (tested)
+_REPORT_BOUND = 320  # bytes of a report beyond its 4-byte scalars and 2-byte indices (about 160; tested)
 HOSTILE_KINDS = ("scale", "nan", "signs")
 
 
@@ -48,6 +53,15 @@ class FedConfig:
     max_lag: int = 10  # rounds a client may miss and still catch up from broadcasts
     dropout: float = 0.0  # chance that a selected, online client drops mid-round
     hostile: str = ""  # "N:KIND": the last N clients misbehave (KIND: scale, nan, signs)
+    # Time-to-accuracy (see allocation.py and sampling.py); the defaults keep the plain federation.
+    allocation: str = "uniform"  # uniform | schedule (FwdLLM's 1-3-5-10) | speed (speed-aware, by deadline)
+    pacing: str = "fixed"  # fixed | variance: the round's direction count follows the scalars' variance
+    target: int = 0  # directions per round for `speed`/`variance` (0: clients_per_round x directions)
+    max_directions: int = 16  # most directions one client is given in a round (speed-aware allocation)
+    pacing_max: int = 64  # most directions per round the variance pacer may ask for
+    downweight: float = 0.0  # > 0: sampling down-weights clients that miss deadlines (their miss count's decay)
+    sampling: str = "random"  # random | discriminative | unbiased (directions among `candidates`)
+    candidates: int = 64  # candidate directions per client and round for discriminative/unbiased sampling
 
     def check(self) -> None:
         if self.clients < 1:
@@ -63,6 +77,22 @@ class FedConfig:
             raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
         self.hostile_clients()
         self.device_names()
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
+        if self.pacing not in PACINGS:
+            raise UserError(f"--pacing must be one of {', '.join(PACINGS)}, got '{self.pacing}'")
+        if self.sampling not in sampling.MODES:
+            raise UserError(f"--sampling must be one of {', '.join(sampling.MODES)}, got '{self.sampling}'")
+        if not 1 <= self.max_directions <= MAX_DIRECTIONS:
+            raise UserError(f"--max-directions must lie in [1, {MAX_DIRECTIONS}], got {self.max_directions}")
+        if not 0 <= self.target <= MAX_DIRECTIONS:
+            raise UserError(f"--target must lie in [0, {MAX_DIRECTIONS}], got {self.target}")
+        if not 1 <= self.pacing_max <= MAX_DIRECTIONS:
+            raise UserError(f"--pacing-max must lie in [1, {MAX_DIRECTIONS}], got {self.pacing_max}")
+        if not 0 <= self.downweight < 1:
+            raise UserError(f"--downweight must lie in [0, 1), got {self.downweight}")
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise UserError(f"--candidates must lie in [1, {MAX_CANDIDATES}], got {self.candidates}")
 
     def device_names(self) -> list[str]:
         """One profile name per client, from the `devices` spec."""
@@ -122,6 +152,11 @@ class Federation(Trainer):
                         for i, part in enumerate(self.parts)]
         self.server = Server(self.replica, self.perturbations, c.clip, f.max_lag)
         self.hostile, self.hostile_kind = f.hostile_clients()
+        base = f.target or f.clients_per_round * c.directions
+        self.pacer = VariancePacer(base, max(base, f.pacing_max)) if f.pacing == "variance" else None
+        self.misses = MissWeights(f.clients, f.downweight) if f.downweight else None
+        if f.sampling != "random":
+            self.replica.track_updates()  # every replica ranks candidates against the last update
 
     # ----------------------------------------------------------------- one round
     def select(self, round_: int) -> tuple[list[int], list[int], np.ndarray]:
@@ -130,7 +165,11 @@ class Federation(Trainer):
         draws = rng.random(self.fed.clients)
         online = [i for i in range(self.fed.clients) if draws[i] < self.profiles[i].availability]
         m = min(self.fed.clients_per_round, len(online))
-        selected = sorted(rng.choice(online, m, replace=False).tolist()) if m else []
+        if self.misses is not None and m:
+            w = self.misses.weights()[online]
+            selected = sorted(rng.choice(online, m, replace=False, p=w / w.sum()).tolist())
+        else:
+            selected = sorted(rng.choice(online, m, replace=False).tolist()) if m else []
         drops = rng.random(self.fed.clients)
         return online, selected, drops
 
@@ -140,13 +179,19 @@ class Federation(Trainer):
         wall = time.perf_counter()
         deadline = f.deadline or float("inf")
         online, selected, drops = self.select(r)
-        accepted, times, events = [], [], {"dropped": [], "late": [], "refused": {}, "snapshots": 0}
+        catch_ups = {i: self.server.catch_up(self.clients[i].version) for i in selected}
+        counts, deadline, plan = self.allocate(r, selected, catch_ups, deadline)
+        accepted, times, events = [], [], {"dropped": [], "late": [], "refused": {}, "snapshots": 0, "skipped": []}
         losses, passes, tokens, up, down, clients_scalars, client_seconds = [], 0, 0, 0, 0, {}, {}
         snapshot_bytes = 0
+        candidates = (min(f.candidates, MAX_CANDIDATES), sampling.CODES[f.sampling]) if f.sampling != "random" else (0, 0)
         for i in selected:
             client, profile = self.clients[i], self.profiles[i]
-            catch_up = self.server.catch_up(client.version)
-            instruction = self.server.instruct(r, i, c.directions, c.batch_size, c.eps, deadline)
+            if counts[i] == 0:  # speed-aware allocation: not even one direction fits the round's deadline
+                events["skipped"].append(i)
+                continue
+            catch_up = catch_ups[i]
+            instruction = self.server.instruct(r, i, counts[i], c.batch_size, c.eps, deadline, *candidates)
             down_bytes = sum(map(len, catch_up)) + len(instruction)
             down += down_bytes
             messages = [decode(m) for m in catch_up]
@@ -182,6 +227,10 @@ class Federation(Trainer):
             losses.append(est.loss)
             clients_scalars[str(i)] = [float(x) for x in report.scalars]
         _, agg, reason = self.server.close_round(r, accepted)
+        if self.pacer is not None:  # the clipped scalars, so that an outlier cannot inflate the count
+            plan["pacing"] = self.pacer.update([np.clip(a[1], -agg.threshold, agg.threshold) for a in accepted])
+        if self.misses is not None:
+            self.misses.update(sorted(events["late"] + events["skipped"]))
         seconds = round_time(times, deadline)
         k.bytes_up += up
         k.bytes_down += down
@@ -191,11 +240,51 @@ class Federation(Trainer):
                   "scalars": clients_scalars, "lr": self.replica.optimizer.lr_at(r), "eps": c.eps,
                   "client_seconds": client_seconds, "bytes_up": up, "bytes_down": down,
                   "snapshot_bytes": snapshot_bytes, "clipped": agg.clipped,
-                  **{key: v for key, v in events.items() if v}}
+                  **{key: v for key, v in events.items() if v}, **plan}
         if losses:
             record["loss"] = float(np.mean(losses))
         record.update(total_bytes_up=k.bytes_up, total_bytes_down=k.bytes_down)
         return self.close_step(record, reason, passes, tokens, wall)
+
+    # ----------------------------------------------------------------- allocation
+    def allocate(self, r: int, selected: list[int], catch_ups: dict, deadline: float) -> tuple[dict, float, dict]:
+        """(directions per selected client, the round's deadline, what to log) under the federation's
+        allocation policy and pacing (allocation.py)."""
+        c, f = self.config, self.fed
+        if f.allocation == "uniform" and self.pacer is None:
+            return {i: c.directions for i in selected}, deadline, {}
+        log = {}
+        if f.allocation == "speed":
+            costs = [self.cost(i, r, sum(map(len, catch_ups[i]))) for i in selected]
+            target = self.pacer.count if self.pacer else (f.target or f.clients_per_round * c.directions
+                                                          if f.target or not f.deadline else 0)
+            counts, deadline = allocate("speed", costs, cap=f.max_directions, target=target, deadline=deadline)
+            if selected:
+                deadline += 1e-6  # one microsecond for rounding between the prediction and the clock's sum
+                log["deadline"] = round(deadline, 6)
+            log["predicted_seconds"] = {str(i): round(cost.seconds(n), 4) for i, cost, n in zip(selected, costs, counts)}
+        else:
+            per_client = c.directions
+            if self.pacer is not None and selected:
+                per_client = -(-self.pacer.count // len(selected))
+            counts, _ = allocate(f.allocation, [None] * len(selected), directions=per_client,
+                                 progress=r / c.steps)
+        if f.sampling != "random":
+            counts = [min(n, f.candidates) for n in counts]
+        log["directions"] = {str(i): int(n) for i, n in zip(selected, counts)}
+        return dict(zip(selected, counts)), deadline, log
+
+    def cost(self, i: int, r: int, down_bytes: int) -> Cost:
+        """Client i's predicted round on its profile: its batch's tokens this round, the scheme's passes, its
+        messages (the catch-up it is sent plus bounds on an instruction and on a report) and latency."""
+        c, client, profile = self.config, self.clients[i], self.profiles[i]
+        tokens = client.batch_plan(r, c.batch_size).n_tokens
+        per_pass = profile.seconds_per_pass(self.model_stats, max(1, tokens), min(c.batch_size, len(client.data)))
+        per_direction = passes_per_step(c.scheme, 2) - passes_per_step(c.scheme, 1)
+        shared = passes_per_step(c.scheme, 1) - per_direction
+        fixed = (profile.download_seconds(down_bytes + _INSTRUCTION_BOUND) + profile.upload_seconds(_REPORT_BOUND)
+                 + profile.latency_s + shared * per_pass)
+        return Cost(fixed, per_direction * per_pass + profile.upload_seconds(6))
 
     def _misbehave(self, i: int, report) -> None:
         if i not in self.hostile:
@@ -210,15 +299,26 @@ class Federation(Trainer):
 
     # ----------------------------------------------------------------- state
     def extra_state(self) -> dict:
-        return {"federation": asdict(self.fed), "profiles": [p.name for p in self.profiles]}
+        out = {"federation": asdict(self.fed), "profiles": [p.name for p in self.profiles]}
+        if self.pacer is not None:
+            out["pacer"] = self.pacer.state()
+        if self.misses is not None:
+            out["misses"] = self.misses.state()
+        return out
 
     def resume(self) -> int:
         state = self.run_dir.read_state()
         if state.get("kind") != self.KIND:
             raise UserError(f"{self.rundir} holds a '{state.get('kind', 'train')}' run, not a federation")
-        if state.get("federation") != asdict(self.fed):
+        saved, defaults = state.get("federation") or {}, asdict(FedConfig())
+        if any(saved.get(k, defaults[k]) != v for k, v in asdict(self.fed).items()) or set(saved) - set(defaults):
             raise UserError("a resumed federation keeps its settings (--clients, --devices, --partition, ...)")
-        return super().resume()  # clients restart empty and rejoin by snapshot
+        step = super().resume()  # clients restart empty and rejoin by snapshot
+        if self.pacer is not None:
+            self.pacer.load(state["pacer"])
+        if self.misses is not None:
+            self.misses.load(state["misses"])
+        return step
 
 
 def traffic(records: list[dict]) -> dict:
