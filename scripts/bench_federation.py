@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Federated against single-device training at the same number of forward passes (SST-2, Gemma-3-270M Q4_K_M).
+"""Federated training benchmarks on SST-2 with Gemma-3-270M Q4_K_M, in two modes.
 
-Runs, in one process on one loaded model, the same seed and training recipe:
+--mode passes (default): federated against single-device training at the same number of forward passes.
+--mode time: time-to-accuracy across heterogeneous devices (allocation, pacing and sampling policies); see
+`time_main` below.
+
+Mode passes runs, in one process on one loaded model, the same seed and training recipe:
 
   fed        `ggfwd federate`'s simulation: --clients clients on --devices profiles with Dirichlet(--alpha) label
              skew, --per-round clients per round, each scoring one direction on its own batch; one update per round
@@ -17,6 +21,8 @@ directions on K batches per update, which should beat K directions on one batch 
 
     python scripts/bench_federation.py --threads 2                       # about 30-40 minutes on 2 cores
     python scripts/bench_federation.py --smoke                           # seconds: tiny random model
+    python scripts/bench_federation.py --mode time --threads 1           # see bench_federation_time.py
+    python scripts/bench_federation.py --mode time --smoke
 """
 
 from __future__ import annotations
@@ -107,7 +113,15 @@ def report(results: dict, args) -> None:
 
 
 def main() -> None:
+    if "--mode" in sys.argv and sys.argv[sys.argv.index("--mode") + 1:][:1] == ["time"]:
+        from bench_federation_time import time_main
+
+        argv = sys.argv[1:]
+        i = argv.index("--mode")
+        return time_main(argv[:i] + argv[i + 2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("passes", "time"), default="passes",
+                   help="passes: federated vs single-device at equal passes; time: time-to-accuracy policies")
     p.add_argument("--model", type=Path)
     p.add_argument("--task", default="sst2")
     p.add_argument("--data", type=Path)
@@ -149,7 +163,7 @@ def main() -> None:
     if args.smoke:
         from smoke_model import tiny_llama
 
-        args.model = args.model or tiny_llama()[0]
+        args.model = args.model or tiny_llama()[1]
         args.rounds, args.eval_every, args.eval_limit, args.train_limit = 4, 2, 32, 400
         args.batch_size, args.threads = 4, args.threads or 1
     args.model = args.model or demo_model()

@@ -1,0 +1,338 @@
+"""bench_federation.py --mode time: time-to-accuracy across heterogeneous devices (issue 20).
+
+The same population (by default two clients on each of six device profiles whose predicted seconds per pass
+differ about 240x), Dirichlet(--alpha) label skew, --per-round clients sampled per round, Gemma-3-270M Q4_K_M
+on SST-2, evaluated on the first --eval-limit dev rows every --eval-every rounds. Runs (FedConfig settings;
+everything else is shared):
+
+  a    uniform: one direction per client; every round waits for its slowest client
+  a2   uniform with a deadline that admits the fastest two thirds of the profiles; late reports are dropped
+       and clients that keep missing it are down-weighted in sampling
+  b    FwdLLM's hand schedule: 1, 3, 5, 10 directions per client over the quarters of --rounds
+  c    speed-aware allocation + variance pacing: the round's direction count (4 to start) goes to the clients
+       that finish it soonest (at most --max-directions each), the count follows the scalars' variance, and
+       clients that cannot finish a direction in time are down-weighted in sampling
+  d    c with discriminative sampling (top-K of --candidates by |cosine| with the last update)
+  e    c with the unbiased, importance-weighted variant
+
+A run stops at its first evaluation at or above --stop-at (the highest target; 0: never) or after --rounds.
+Reported per run: simulated time, forward passes and rounds until each --targets accuracy, bytes per client and
+round, and where the simulated time went (round length, idle share of the selected devices, work discarded
+as late, directions per round); a PNG of accuracy against simulated time. Runs already finished in --out are
+not run again (their folders are read), so an interrupted benchmark continues where it stopped.
+
+    python scripts/bench_federation.py --mode time --threads 1
+    python scripts/bench_federation.py --mode time --report            # reprint from the run folders
+    python scripts/bench_federation.py --mode time --smoke             # seconds: tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+DEVICES = "desktop-vulkan:2,macbook-m4:2,phone-flagship:2,laptop-x86:2,pi5:2,phone-midrange:2"
+SPEED = dict(allocation="speed", pacing="variance", pacing_max=16, downweight=0.5)
+RUNS = {
+    "a": ("uniform, 1 direction/client, waits for the slowest", {}),
+    "a2": ("uniform, deadline drops late clients", {"deadline": "auto", "downweight": 0.5}),
+    "b": ("FwdLLM hand schedule 1-3-5-10", {"allocation": "schedule"}),
+    "c": ("speed-aware + variance pacing", SPEED),
+    "d": ("(c) + discriminative sampling", {**SPEED, "sampling": "discriminative"}),
+    "e": ("(c) + unbiased sampling", {**SPEED, "sampling": "unbiased"}),
+}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description="time-to-accuracy across heterogeneous devices")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--eval-data", type=Path)
+    p.add_argument("--train-limit", type=int, default=4000)
+    p.add_argument("--eval-limit", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--devices", default=DEVICES)
+    p.add_argument("--profiles", type=Path, help="extra profile folder")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--per-round", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=30, help="at most this many rounds per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=5.0)
+    p.add_argument("--max-directions", type=int, default=2, help="(c)-(e): most directions per client and round")
+    p.add_argument("--candidates", type=int, default=64, help="(d), (e): candidates per client and round")
+    p.add_argument("--deadline", type=float, default=0.0, help="(a2)'s deadline in simulated seconds (0: auto)")
+    p.add_argument("--eval-every", type=int, default=5, help="rounds")
+    p.add_argument("--targets", default="0.80,0.83,0.85")
+    p.add_argument("--stop-at", type=float, default=0.85, help="stop a run at its first evaluation >= this (0: never)")
+    p.add_argument("--runs", default="a,c,a2,b,d,e")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeded", default="a,c", help="runs that get every seed; the others get the first")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_federation_time"))
+    p.add_argument("--plot", type=Path, help="PNG of accuracy against simulated time [default: OUT/time.png]")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="seconds: the tiny random model, 4 rounds")
+    p.add_argument("--report", action="store_true", help="print the table from the run folders in --out, no runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.eval_every, args.eval_limit, args.train_limit = 4, 2, 32, 400
+        args.batch_size, args.threads, args.candidates = 4, args.threads or 1, 8
+        args.devices = "desktop-vulkan:1,macbook-m4:1,laptop-x86:1,pi5:1,phone-midrange:1"
+        args.per_round, args.stop_at = 3, 0.0
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.plot = args.plot or args.out / "time.png"
+    return args
+
+
+def plan(args) -> list[tuple[str, str, int]]:
+    """(label, run, seed) in the order they are run: the runs that get every seed first (all their seeds),
+    then the others at the first seed."""
+    runs, seeds, seeded = args.runs.split(","), [int(s) for s in args.seeds.split(",")], args.seeded.split(",")
+    for r in runs:
+        if r not in RUNS:
+            raise SystemExit(f"unknown run '{r}'; runs are {', '.join(RUNS)}")
+    out = [(f"{r}-s{s}", r, s) for s in seeds for r in runs if r in seeded]
+    return out + [(f"{r}-s{seeds[0]}", r, seeds[0]) for r in runs if r not in seeded]
+
+
+# ----------------------------------------------------------------------------- running
+def run_all(args) -> None:
+    from ggfwd.federation.simulate import FedConfig, Federation
+    from ggfwd.inputs import RunInputs
+    from ggfwd.modelstats import ModelStats
+    from ggfwd.profiles import load_profile
+    from ggfwd.session import SessionSettings
+    from ggfwd.trainer import TrainConfig
+
+    inputs = RunInputs(model=str(args.model), data=str(args.data), eval_data=str(args.eval_data), task=args.task,
+                       train_limit=args.train_limit, eval_limit=args.eval_limit, max_tokens=args.max_tokens)
+    names = []
+    for item in args.devices.split(","):
+        name, _, count = item.rpartition(":")
+        names += [name] * int(count)
+    profiles = [load_profile(n, dirs=[args.profiles] if args.profiles else None) for n in names]
+    stats = ModelStats.from_gguf(inputs.model)
+    first_eval: dict[int, dict] = {}  # seed -> the step-0 evaluation (the same adapter for every run of a seed)
+    todo = [item for item in plan(args) if not (args.out / item[0] / "bench.json").is_file()]
+    if not todo:
+        return
+    with SessionSettings(max_tokens=inputs.max_tokens, threads=args.threads).open(inputs.model) as session:
+        loaded = {}
+        for label, name, seed in todo:
+            if seed not in loaded:
+                loaded[seed] = inputs.load(session, seed)
+            train, evaluation, adapter = loaded[seed]
+            settings = dict(RUNS[name][1])
+            fed_kw = dict(clients=len(names), clients_per_round=args.per_round, devices=args.devices,
+                          partition=f"dirichlet:{args.alpha}", max_directions=args.max_directions,
+                          candidates=args.candidates, max_lag=args.rounds)
+            cfg = TrainConfig(steps=args.rounds, eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
+                              eps=args.eps, seed=seed, clip=args.clip)
+            out = args.out / label
+            out.mkdir(parents=True, exist_ok=True)
+            if settings.get("deadline") == "auto":
+                settings["deadline"] = args.deadline or auto_deadline(
+                    Federation(session, adapter.copy(), train, cfg, out, None, inputs,
+                               fed=FedConfig(**fed_kw), profiles=profiles, model_stats=stats), names)
+            fed = FedConfig(**{**fed_kw, **settings})
+            run = Federation(session, adapter.copy(), train, cfg, out, evaluation, inputs, fed=fed,
+                             profiles=profiles, model_stats=stats)
+            if run.run_dir.has_run:
+                run.resume()
+            _share_first_eval(run, first_eval, seed)
+            start = time.perf_counter()
+            while run.counters.step < cfg.steps:
+                run.run(stop_after=args.eval_every)
+                evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]
+                if args.stop_at and evals and evals[-1]["eval_accuracy"] >= args.stop_at:
+                    break
+            done = {"run": name, "seed": seed, "settings": {k: v for k, v in vars(fed).items()},
+                    "wall_seconds": time.perf_counter() - start, "profiles": names}
+            _write_atomic(out / "bench.json", json.dumps(done, default=float))
+            acc = evals[-1]["eval_accuracy"] if evals else float("nan")
+            print(f"{label}: {acc:.1%} after {run.counters.step} rounds, {run.counters.forward_passes} passes, "
+                  f"{run.counters.sim_seconds / 60:.1f} simulated min ({done['wall_seconds']:.0f} s wall)",
+                  file=sys.stderr, flush=True)
+
+
+def auto_deadline(probe, names: list[str]) -> float:
+    """A deadline that admits the fastest two thirds of the profiles: the geometric mean of the mean predicted
+    one-direction round times (first 10 rounds' batches) of the profiles ranked k and k+1 (k = 2/3 of them)."""
+    by_profile: dict[str, list[float]] = {}
+    for i, name in enumerate(names):
+        by_profile.setdefault(name, []).extend(probe.cost(i, r, 0).seconds(1) for r in range(10))
+    times = sorted(sum(v) / len(v) for v in by_profile.values())
+    k = max(1, math.ceil(2 * len(times) / 3))
+    return times[-1] * 1.01 if k >= len(times) else math.sqrt(times[k - 1] * times[k])
+
+
+def _share_first_eval(run, cache: dict, seed: int) -> None:
+    """Every run of a seed starts from the same adapter: its step-0 evaluation is scored once and reused."""
+    original = run.evaluate
+
+    def evaluate():
+        run.evaluate = original
+        if run.counters.step == 0 and seed in cache:
+            return dict(cache[seed])
+        result = original()
+        if run.counters.step == 0:
+            cache[seed] = dict(result)
+        return result
+
+    run.evaluate = evaluate
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- analysis
+def analyse(folder: Path, targets: list[float]) -> dict:
+    from ggfwd.federation.simulate import traffic
+    from ggfwd.rundir import read_metrics
+
+    done = json.loads((folder / "bench.json").read_text())
+    records = read_metrics(folder)
+    rounds = [r for r in records if r.get("step", 0) > 0]
+    evals = [(r.get("sim_seconds", 0.0), r["forward_passes"], r["step"], r["eval_accuracy"])
+             for r in records if "eval_accuracy" in r]
+    reach = {}
+    for t in targets:
+        hit = next((e for e in evals if e[3] >= t - 1e-12), None)
+        reach[t] = None if hit is None else {"sim_seconds": hit[0], "passes": hit[1], "rounds": hit[2]}
+    names = done["profiles"]
+    idle = busy_total = wasted = 0.0
+    slots = 0.0
+    idle_by: dict[str, list[float]] = {}
+    directions = []
+    for r in rounds:
+        t = r["round_seconds"]
+        late = set(r.get("late", [])) | set(r.get("dropped", []))
+        directions.append(sum(len(s) for s in r["scalars"].values()))
+        for i in r["selected"]:
+            b = min(r["client_seconds"].get(str(i), 0.0), t)
+            idle += t - b
+            slots += t
+            busy_total += b
+            wasted += b if i in late else 0.0
+            share = idle_by.setdefault(names[i], [0.0, 0.0])
+            share[0] += t - b
+            share[1] += t
+    b = traffic(records)
+    last = evals[-1] if evals else (0, 0, 0, float("nan"))
+    return {"label": folder.name, "run": done["run"], "seed": done["seed"], "reach": reach,
+            "final": {"accuracy": last[3], "sim_seconds": rounds[-1]["sim_seconds"] if rounds else 0.0,
+                      "passes": last[1], "rounds": len(rounds)},
+            "evals": evals, "bytes_up": b["up"], "bytes_down": b["down"],
+            "round_seconds": sum(r["round_seconds"] for r in rounds) / max(1, len(rounds)),
+            "idle_share": idle / slots if slots else 0.0, "discarded_share": wasted / busy_total if busy_total else 0.0,
+            "directions": sum(directions) / max(1, len(directions)),
+            "idle_by_profile": {k: v[0] / v[1] for k, v in idle_by.items() if v[1]},
+            "deadline": done["settings"].get("deadline", 0.0), "wall_seconds": done["wall_seconds"]}
+
+
+def report(args) -> list[dict]:
+    results = [analyse(args.out / label, args.targets) for label, _, _ in plan(args)
+               if (args.out / label / "bench.json").is_file()]
+    if not results:
+        raise SystemExit(f"no finished runs in {args.out}")
+    ts = args.targets
+    fmt = lambda x, f: "-" if x is None else f(x)  # noqa: E731
+    print(f"SST-2 dev (first {args.eval_limit} rows), evaluated every {args.eval_every} rounds: simulated minutes / "
+          f"training forward passes / rounds until each accuracy ('-': not reached in the run)")
+    head = " | ".join(f"to {t:.0%}" for t in ts)
+    print(f"| run | {head} | last eval | up B | down B | round s | dirs/round | idle % | discarded % |")
+    print("|---|" + "---|" * (len(ts) + 7))
+    for res in results:
+        cells = [fmt(res["reach"][t], lambda h: f"{h['sim_seconds'] / 60:.2f} min / {h['passes']} / {h['rounds']}")
+                 for t in ts]
+        f = res["final"]
+        print(f"| {res['label']} | " + " | ".join(cells) + f" | {f['accuracy']:.1%} @ {f['rounds']} rounds, "
+              f"{f['sim_seconds'] / 60:.2f} min | {res['bytes_up']:.0f} | {res['bytes_down']:.0f} | "
+              f"{res['round_seconds']:.2f} | {res['directions']:.1f} | {100 * res['idle_share']:.0f} | "
+              f"{100 * res['discarded_share']:.0f} |")
+    print()
+    for res in results:
+        by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(res["idle_by_profile"].items(), key=lambda kv: kv[1]))
+        extra = f"; deadline {res['deadline']:.2f} s" if res["deadline"] else ""
+        print(f"{res['label']} ({RUNS[res['run']][0]}{extra}): idle share of the round by profile: {by}; "
+              f"{res['wall_seconds']:.0f} s wall")
+    _compare(results, ts[-1])
+    if args.plot:
+        _plot(results, args.plot, ts)
+    return results
+
+
+def _compare(results: list[dict], target: float) -> None:
+    def mean_time(run):
+        times = [r["reach"][target]["sim_seconds"] for r in results if r["run"] == run and r["reach"][target]]
+        seeds = [r for r in results if r["run"] == run]
+        return (sum(times) / len(times), len(times), len(seeds)) if times else (None, 0, len(seeds))
+
+    base = {run: mean_time(run) for run in RUNS}
+    print()
+    for run in RUNS:
+        t, n, total = base[run]
+        if total:
+            print(f"{run}: reaches {target:.0%} in {n} of {total} seeds" +
+                  (f", mean {t / 60:.2f} simulated min" if t is not None else ""))
+    for other in ("a", "a2", "b"):
+        if base["c"][0] is not None and base[other][0] is not None:
+            print(f"c reaches {target:.0%} {base[other][0] / base['c'][0]:.2f}x sooner than {other} "
+                  "(mean over the seeds that reached it)")
+
+
+def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive")))
+    for res in results:
+        xs = [e[0] / 60 for e in res["evals"]]
+        ys = [100 * e[3] for e in res["evals"]]
+        first = res["label"].endswith(f"s{min(r['seed'] for r in results)}")
+        ax.plot(xs, ys, marker="o", ms=3, color=colours[res["run"]], linestyle="-" if first else "--",
+                label=f"{res['label']}: {RUNS[res['run']][0]}")
+    for t in targets:
+        ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("simulated minutes")
+    ax.set_ylabel("accuracy on dev rows (%)")
+    ax.set_title("Time to accuracy across heterogeneous devices (SST-2, Gemma-3-270M Q4_K_M)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    print(f"plot: {path}")
+
+
+def time_main(argv) -> None:
+    args = parse(argv)
+    if not args.report:
+        from ggfwd.demo import demo_model, sst2_file
+
+        if args.smoke:
+            from smoke_model import tiny_llama
+
+            args.model = args.model or tiny_llama()[1]
+        args.model = args.model or demo_model()
+        args.data = args.data or sst2_file("train")
+        args.eval_data = args.eval_data or sst2_file("dev")
+        run_all(args)
+    results = report(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, default=float))
