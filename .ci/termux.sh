@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# CI, second venv: what a phone under Termux has. No extras (no torch, transformers, matplotlib, flwr), and
-# llama-cpp-python compiled with the flags llama.cpp's Android/Termux builds use; then the client-side tests.
+# CI, second venv: what a phone under Termux has. No torch, transformers or matplotlib; the federated extra
+# (Flower, for `ggfwd join`) where Python >= 3.11; llama-cpp-python compiled with the flags llama.cpp's
+# Android/Termux builds use; then the client-side tests, and the Flower tests (real SuperLink and SuperNodes on
+# 127.0.0.1).
 #
 # pip's wheel cache does not key wheels on CMAKE_ARGS: a cached default build would be reused silently. The
 # wheel is built with a cache folder of its own, named after the flags, and the build's system info is
@@ -33,20 +35,23 @@ for feature in ("OPENMP = 1", "LLAMAFILE = 1"):
         raise SystemExit(f"termux.sh: the build still has {feature}: CMAKE_ARGS did not apply")
 EOF
 
-# the project with its core dependencies only, and the test runner
-pip install --quiet --cache-dir "$CACHE" .
+# the project with its core dependencies and the federated extra (empty below Python 3.11), and the test runner
+pip install --quiet --cache-dir "$CACHE" ".[federated]"
 pip install --quiet --cache-dir "$CACHE" pytest hypothesis
 python - <<'EOF'
 import importlib.util
+import sys
 
-present = [m for m in ("torch", "transformers", "matplotlib", "flwr") if importlib.util.find_spec(m)]
+present = [m for m in ("torch", "transformers", "matplotlib") if importlib.util.find_spec(m)]
 if present:
-    raise SystemExit(f"termux.sh: the no-extras venv has {present}")
+    raise SystemExit(f"termux.sh: the phone venv has {present}")
+if sys.version_info >= (3, 11) and importlib.util.find_spec("flwr") is None:
+    raise SystemExit("termux.sh: the federated extra did not install flwr")
 EOF
 
 # the tests of the client side: scoring, training, calibration, the CLI, device profiles, and the import check
 pytest -q -p no:cacheprovider tests/test_no_torch.py tests/test_devices.py tests/test_profiles.py \
     tests/test_session.py tests/test_trainer.py tests/test_estimator.py tests/test_perturbation.py \
     tests/test_adapter.py tests/test_calibration.py tests/test_tasks.py tests/test_cli.py \
-    tests/test_federation.py
+    tests/test_federation.py tests/test_flower.py
 echo "termux.sh: passed in $(( $(date +%s) - start )) s"

@@ -216,8 +216,10 @@ def serve_command(
     atomic_write(home / "config.toml", lambda f: f.write(
         ('[superlink]\ndefault = "ggfwd"\n\n[superlink.ggfwd]\n' + "\n".join(conn) + "\n").encode()))
     env = _env(home)
-    link_cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port),
-                "--disable-runtime-dependency-installation"]
+    # the SuperLink's state in the run folder: registered nodes outlive a restart of `ggfwd serve` (a SuperNode
+    # that the SuperLink no longer knows stops)
+    link_cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port), "--database",
+                str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
     link_cmd += ["--insecure"] if insecure else ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile",
                                                  str(files["cert"]), "--ssl-keyfile", str(files["key"])]
     if node_keys is not None:
