@@ -214,3 +214,25 @@ def test_bench_federation_smoke(env, smoke_model, tmp_path):
     again = run("bench_federation.py", ["--report", "--smoke", "--out", str(tmp_path / "runs")], tmp_path, env)
     assert [line for line in again.splitlines() if line.startswith("| ")] == \
         [line for line in out.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.slow
+def test_bench_federation_time_smoke(env, smoke_model, tmp_path):
+    out = run("bench_federation.py", ["--mode", "time", "--smoke", "--model", str(smoke_model), "--out",
+                                      str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")], tmp_path, env)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split("|")[1].strip() for r in rows] == ["a-s0", "c-s0", "a-s1", "c-s1", "a2-s0", "b-s0", "d-s0",
+                                                      "e-s0"], out
+    saved = {r["label"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    for label, res in saved.items():
+        assert res["final"]["rounds"] == 4 and res["bytes_up"] > 0 and 0 <= res["idle_share"] <= 1, label
+        assert res["evals"][0][3] == saved["a-s0"]["evals"][0][3]  # every run starts from the same adapter
+    assert saved["b-s0"]["directions"] > saved["a-s0"]["directions"]  # the schedule rises from 1 to 10
+    assert saved["a2-s0"]["deadline"] > 0 and saved["a-s0"]["deadline"] == 0
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "c-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("pacing" in r and "deadline" in r for r in metrics if r["step"] > 0)
+    assert (tmp_path / "runs" / "time.png").read_bytes()[:4] == b"\x89PNG"
+    again = run("bench_federation.py", ["--mode", "time", "--report", "--smoke", "--out", str(tmp_path / "runs")],
+                tmp_path, env)
+    assert [line for line in again.splitlines() if line.startswith("| ")] == \
+        [line for line in out.splitlines() if line.startswith("| ")]
