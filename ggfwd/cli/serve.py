@@ -120,6 +120,38 @@ def _certs_files(certs: Path) -> dict[str, Path]:
     return files
 
 
+def _connection(home: Path, address: str, files: dict | None) -> None:
+    """$FLWR_HOME/config.toml: the SuperLink connection `flwr run` and `flwr supernode register` use."""
+    from ..files import atomic_write
+
+    conn = [f'address = "{address}"']
+    conn += ["insecure = true"] if files is None else [f"root-certificates = {json.dumps(str(files['ca'].resolve()))}"]
+    atomic_write(home / "config.toml", lambda f: f.write(
+        ('[superlink]\ndefault = "ggfwd"\n\n[superlink.ggfwd]\n' + "\n".join(conn) + "\n").encode()))
+
+
+def _register(keys: list[Path], link_cmd: list[str], home: Path, env: dict, files: dict, log: Path) -> None:
+    """Register the nodes' public keys in the SuperLink's database through a SuperLink on a private loopback
+    port, so that the public one never runs without them (a node refused once does not try again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _connection(home, f"127.0.0.1:{port}", files)
+    with open(log, "ab") as logf:
+        link = subprocess.Popen([*link_cmd, "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=logf,
+                                stderr=subprocess.STDOUT, cwd=home)
+    try:
+        _wait_port("127.0.0.1", port, link, log)
+        for key in keys:
+            r = subprocess.run([_tool("flwr"), "supernode", "register", str(key.resolve()), "ggfwd"], env=env,
+                               cwd=home, capture_output=True, text=True, timeout=120)
+            said = " ".join((r.stdout + r.stderr).split())
+            if r.returncode != 0 and "already" not in said.lower():
+                raise UserError(f"registering {key.name} failed: {said[-300:]}")
+    finally:
+        _stop(link)
+
+
 def _on_sigterm(*_):
     raise KeyboardInterrupt
 
@@ -211,15 +243,11 @@ def serve_command(
     atomic_write(home / "run-config.toml", lambda f: f.write(overrides.encode()))
     (out / "server-error.txt").unlink(missing_ok=True)
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    conn = [f'address = "{local}:{port}"']
-    conn += ["insecure = true"] if insecure else [f"root-certificates = {json.dumps(str(files['ca'].resolve()))}"]
-    atomic_write(home / "config.toml", lambda f: f.write(
-        ('[superlink]\ndefault = "ggfwd"\n\n[superlink.ggfwd]\n' + "\n".join(conn) + "\n").encode()))
     env = _env(home)
     # the SuperLink's state in the run folder: registered nodes outlive a restart of `ggfwd serve` (a SuperNode
     # that the SuperLink no longer knows stops)
-    link_cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port), "--database",
-                str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
+    link_cmd = [_tool("flower-superlink"), "--database", str(home / "superlink.db"),
+                "--disable-runtime-dependency-installation"]
     link_cmd += ["--insecure"] if insecure else ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile",
                                                  str(files["cert"]), "--ssl-keyfile", str(files["key"])]
     if node_keys is not None:
@@ -228,15 +256,13 @@ def serve_command(
     link = flwr_run = None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if node_keys is not None:  # registered before any node can reach the SuperLink
+            _register(keys, link_cmd, home, env, files, link_log)
+        _connection(home, f"{local}:{port}", files)
         with open(link_log, "ab") as logf:
-            link = subprocess.Popen(link_cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=home)
+            link = subprocess.Popen([*link_cmd, "--host", host, "--port", str(port)], env=env, stdout=logf,
+                                    stderr=subprocess.STDOUT, cwd=home)
         _wait_port(local, port, link, link_log)
-        if node_keys is not None:
-            for key in keys:
-                r = subprocess.run([_tool("flwr"), "supernode", "register", str(key), "ggfwd"], env=env, cwd=home,
-                                   capture_output=True, text=True, timeout=120)
-                if r.returncode != 0:
-                    raise UserError(f"registering {key.name} failed: {' '.join((r.stdout + r.stderr).split())[-300:]}")
         err.print(f"[bold]ggfwd serve[/] -> {out}  (SuperLink on {host}:{port}, "
                   f"{'TLS' if not insecure else 'no TLS'}{', node keys ' + str(len(keys)) if node_keys else ''}; "
                   f"nodes join with: ggfwd join --server HOST:{port} ...)")
