@@ -14,6 +14,8 @@ everything else is shared):
        clients that cannot finish a direction in time are down-weighted in sampling
   d    c with discriminative sampling (top-K of --candidates by |cosine| with the last update)
   e    c with the unbiased, importance-weighted variant
+  c0   c without down-weighting skipped clients in sampling (not in the default --runs: it tests whether
+       concentrating the work on the fast devices' data is what costs c accuracy under label skew)
 
 A run stops at its first evaluation at or above --stop-at (the highest target; 0: never) or after --rounds.
 Reported per run: simulated time, forward passes and rounds until each --targets accuracy, bytes per client and
@@ -45,6 +47,7 @@ RUNS = {
     "c": ("speed-aware + variance pacing", SPEED),
     "d": ("(c) + discriminative sampling", {**SPEED, "sampling": "discriminative"}),
     "e": ("(c) + unbiased sampling", {**SPEED, "sampling": "unbiased"}),
+    "c0": ("(c) without down-weighting", {**SPEED, "downweight": 0.0}),
 }
 
 
@@ -159,7 +162,7 @@ def run_all(args) -> None:
             _write_atomic(out / "bench.json", json.dumps(done, default=float))
             acc = evals[-1]["eval_accuracy"] if evals else float("nan")
             print(f"{label}: {acc:.1%} after {run.counters.step} rounds, {run.counters.forward_passes} passes, "
-                  f"{run.counters.sim_seconds / 60:.1f} simulated min ({done['wall_seconds']:.0f} s wall)",
+                  f"{run.counters.sim_seconds:.1f} simulated s ({done['wall_seconds']:.0f} s wall)",
                   file=sys.stderr, flush=True)
 
 
@@ -214,11 +217,13 @@ def analyse(folder: Path, targets: list[float]) -> dict:
     idle = busy_total = wasted = 0.0
     slots = 0.0
     idle_by: dict[str, list[float]] = {}
-    directions = []
+    directions, used = [], {}
     for r in rounds:
         t = r["round_seconds"]
         late = set(r.get("late", [])) | set(r.get("dropped", []))
         directions.append(sum(len(s) for s in r["scalars"].values()))
+        for i, s in r["scalars"].items():
+            used[names[int(i)]] = used.get(names[int(i)], 0) + len(s)
         for i in r["selected"]:
             b = min(r["client_seconds"].get(str(i), 0.0), t)
             idle += t - b
@@ -238,6 +243,7 @@ def analyse(folder: Path, targets: list[float]) -> dict:
             "idle_share": idle / slots if slots else 0.0, "discarded_share": wasted / busy_total if busy_total else 0.0,
             "directions": sum(directions) / max(1, len(directions)),
             "idle_by_profile": {k: v[0] / v[1] for k, v in idle_by.items() if v[1]},
+            "directions_by_profile": {k: v / max(1, sum(used.values())) for k, v in used.items()},
             "deadline": done["settings"].get("deadline", 0.0), "wall_seconds": done["wall_seconds"]}
 
 
@@ -248,25 +254,27 @@ def report(args) -> list[dict]:
         raise SystemExit(f"no finished runs in {args.out}")
     ts = args.targets
     fmt = lambda x, f: "-" if x is None else f(x)  # noqa: E731
-    print(f"SST-2 dev (first {args.eval_limit} rows), evaluated every {args.eval_every} rounds: simulated minutes / "
+    print(f"SST-2 dev (first {args.eval_limit} rows), evaluated every {args.eval_every} rounds: simulated seconds / "
           f"training forward passes / rounds until each accuracy ('-': not reached in the run)")
     head = " | ".join(f"to {t:.0%}" for t in ts)
     print(f"| run | {head} | last eval | up B | down B | round s | dirs/round | idle % | discarded % |")
     print("|---|" + "---|" * (len(ts) + 7))
     for res in results:
-        cells = [fmt(res["reach"][t], lambda h: f"{h['sim_seconds'] / 60:.2f} min / {h['passes']} / {h['rounds']}")
+        cells = [fmt(res["reach"][t], lambda h: f"{h['sim_seconds']:.1f} s / {h['passes']} / {h['rounds']}")
                  for t in ts]
         f = res["final"]
         print(f"| {res['label']} | " + " | ".join(cells) + f" | {f['accuracy']:.1%} @ {f['rounds']} rounds, "
-              f"{f['sim_seconds'] / 60:.2f} min | {res['bytes_up']:.0f} | {res['bytes_down']:.0f} | "
+              f"{f['sim_seconds']:.1f} s | {res['bytes_up']:.0f} | {res['bytes_down']:.0f} | "
               f"{res['round_seconds']:.2f} | {res['directions']:.1f} | {100 * res['idle_share']:.0f} | "
               f"{100 * res['discarded_share']:.0f} |")
     print()
     for res in results:
         by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(res["idle_by_profile"].items(), key=lambda kv: kv[1]))
         extra = f"; deadline {res['deadline']:.2f} s" if res["deadline"] else ""
+        share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(res["directions_by_profile"].items(),
+                                                                   key=lambda kv: -kv[1]))
         print(f"{res['label']} ({RUNS[res['run']][0]}{extra}): idle share of the round by profile: {by}; "
-              f"{res['wall_seconds']:.0f} s wall")
+              f"accepted directions by profile: {share}; {res['wall_seconds']:.0f} s wall")
     _compare(results, ts[-1])
     if args.plot:
         _plot(results, args.plot, ts)
@@ -285,7 +293,7 @@ def _compare(results: list[dict], target: float) -> None:
         t, n, total = base[run]
         if total:
             print(f"{run}: reaches {target:.0%} in {n} of {total} seeds" +
-                  (f", mean {t / 60:.2f} simulated min" if t is not None else ""))
+                  (f", mean {t:.1f} simulated s" if t is not None else ""))
     for other in ("a", "a2", "b"):
         if base["c"][0] is not None and base[other][0] is not None:
             print(f"c reaches {target:.0%} {base[other][0] / base['c'][0]:.2f}x sooner than {other} "
@@ -299,16 +307,17 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive")))
+    colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive",
+                                "tab:cyan")))
     for res in results:
-        xs = [e[0] / 60 for e in res["evals"]]
+        xs = [e[0] for e in res["evals"]]
         ys = [100 * e[3] for e in res["evals"]]
         first = res["label"].endswith(f"s{min(r['seed'] for r in results)}")
         ax.plot(xs, ys, marker="o", ms=3, color=colours[res["run"]], linestyle="-" if first else "--",
                 label=f"{res['label']}: {RUNS[res['run']][0]}")
     for t in targets:
         ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
-    ax.set_xlabel("simulated minutes")
+    ax.set_xlabel("simulated seconds")
     ax.set_ylabel("accuracy on dev rows (%)")
     ax.set_title("Time to accuracy across heterogeneous devices (SST-2, Gemma-3-270M Q4_K_M)")
     ax.legend(fontsize=7)
