@@ -332,3 +332,18 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
         assert (tmp_path / "c" / name).stat().st_mode & 0o077 == 0
     r = run_cli("certs", tmp_path / "c")
     assert r.returncode == 2 and "already holds a CA" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_bench_flower_smoke(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_flower.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--work", str(tmp_path / "w"), "--json",
+                           str(tmp_path / "r.json")], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    s = json.loads((tmp_path / "r.json").read_text())
+    assert s["bitwise_equal"] and s["rounds"] == 3
+    assert 100 < s["up_record"] < s["up_wire"] < 4096  # a report, and the Flower message around it
+    assert s["join_wire"] > s["join_records"] > 10 * s["up_wire"]  # the snapshot dominates a join
+    assert s["flower_round_s"] > 0 and s["in_process_round_s"] > 0
+    assert "adapters bitwise equal: yes" in proc.stdout and "| up: report |" in proc.stdout

@@ -103,12 +103,15 @@ def commands(tiny, out):
         "calibrate": ["calibrate", "--model", m, "--task", t, "--data", tiny["train"], "--batch-size", "4",
                       "--batches", "1", "--directions", "1", "--candidates", "0.01,0.1,0.3", "--threads", "1", "--json"],
         "devices list": ["devices", "list"],
+        "join --help": ["join", "--help"],
+        "serve --help": ["serve", "--help"],
         "devices compare": ["devices", "compare", "pi5", "phone-midrange", "--model", m, "--json"],
         "devices bench": ["devices", "bench", "--model", m, "--smoke", "--threads", "1", "--out", out / "here.toml"],
     }
 
 
-@pytest.mark.parametrize("name", ["train", "eval", "calibrate", "devices list", "devices compare", "devices bench"])
+@pytest.mark.parametrize("name", ["train", "eval", "calibrate", "devices list", "devices compare", "devices bench",
+                                  "join --help", "serve --help"])
 def test_client_commands_import_no_torch(tiny, tmp_path, name):
     proc, modules = run_wrapped(*commands(tiny, tmp_path)[name])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -215,6 +215,9 @@ def serve_command(
     files = _certs_files(certs) if certs is not None else None
     if not 0 < port < 65536:
         raise UserError(f"--port must lie in 1..65535, got {port}")
+    if not resume:  # checked before the model is looked for
+        RemoteConfig(clients, clients_per_round, deadline, max_lag,
+                     min_nodes if min_nodes is not None else min(clients_per_round, clients), wait).check()
     run = resolve_run("serve", given, inputs_given, out, resume, DEMO)
     config, inputs = run.config, run.inputs
     inputs.data, inputs.train_limit = None, None  # the nodes hold the training data
@@ -338,11 +341,11 @@ def join_command(
         raise UserError("--key needs TLS (--ca) and an existing private key file")
     if not 0 < local_port < 65536:
         raise UserError(f"--local-port must lie in 1..65535, got {local_port}")
+    load_profile(profile)
     if model is None:
         from ..demo import demo_model
 
         model = demo_model()
-    load_profile(profile)
     settings = NodeSettings(str(model), str(data), profile, client_id, threads, task)
     settings.check()
     _need_flower()
