@@ -347,3 +347,46 @@ def test_bench_flower_smoke(tmp_path):
     assert s["join_wire"] > s["join_records"] > 10 * s["up_wire"]  # the snapshot dominates a join
     assert s["flower_round_s"] > 0 and s["in_process_round_s"] > 0
     assert "adapters bitwise equal: yes" in proc.stdout and "| up: report |" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the node, without Flower
+def test_a_node_asks_for_the_adapter_when_it_cannot_reach_the_version(tiny, tmp_path):
+    """node.Node handles what the ClientApp hands it: no replica and no snapshot -> 'need'; a snapshot ->
+    a report, and the replica is kept for the next message; a broadcast it already applied is skipped."""
+    from ggfwd.federation.client import snapshot_of
+    from ggfwd.federation.messages import Broadcast, Instruction, MessageError, Report, decode, encode
+    from ggfwd.federation.node import Node, NodeSettings
+    from ggfwd.federation.remote import parse_hello, run_settings
+    from ggfwd.inputs import RunInputs
+    from ggfwd.perturbation import Perturbations
+    from ggfwd.session import SessionSettings
+    from ggfwd.trainer import TrainConfig
+    from ggfwd.update import Replica
+
+    cfg = TrainConfig(steps=3, batch_size=8, lr=0.02, seed=3)
+    inputs = RunInputs(model=str(tiny["model"]), data=None, task=str(tiny["task"]), rank=4, max_tokens=64)
+    run = run_settings(cfg, inputs)
+    path = NodeSettings(str(tiny["model"]), str(tiny["clients"][1]), "pi5", None, 1).write(tmp_path / "node")
+    node = Node(path)
+    hello = parse_hello(node.hello(run))
+    assert hello == {"client": -1, "version": -1, "profile": "pi5", "examples": 32}
+    with SessionSettings(max_tokens=64, threads=1).open(inputs.model) as session:
+        from ggfwd.adapter import LoraAdapter
+
+        adapter = LoraAdapter.create(session.base, inputs.target_list, rank=4, alpha=16.0, seed=3)
+        perturbations = Perturbations(adapter, 3)
+        replica = Replica(adapter.params, perturbations.index, cfg.update_rule(), version=2)
+    instruction = encode(Instruction(2, 2, 1, 1, 8, 0.1, 60.0))
+    assert node.train(run, [instruction]) == ("need", [])
+    kind, data = node.train(run, [encode(snapshot_of(replica)), instruction])
+    report = decode(data[0], Report)
+    assert kind == "report" and report.client == 1 and report.round == 2 and report.scalars.size == 1
+    assert parse_hello(node.hello(run))["version"] == 2 and parse_hello(node.hello(run))["client"] == 1
+    stale = encode(Broadcast.of(1, [(0, np.ones(1, np.float32))]))  # round 1: already in the snapshot it holds
+    assert node.train(run, [stale, instruction])[0] == "report"
+    with pytest.raises(MessageError):
+        node.train(run, [instruction, instruction])
+    for bad in (b"x" * 2000, b"[]", b'{"client": 1}', json.dumps({"client": True, "version": 0, "profile": "",
+                                                                  "examples": 1}).encode()):
+        with pytest.raises(MessageError):
+            parse_hello(bad)
