@@ -304,8 +304,9 @@ def run_server(rundir, transport) -> None:
     try:
         _serve(rundir, transport, log)
     except (UserError, MessageError, OSError, ValueError) as exc:
-        atomic_write(rundir / ERROR_FILE, lambda f: f.write(f"{exc}".splitlines()[0].encode() if str(exc) else b"?"))
-        log(f"error: {exc}")
+        line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        atomic_write(rundir / ERROR_FILE, lambda f: f.write(line.encode()))
+        log(f"error: {line}")
         raise
 
 
