@@ -122,7 +122,7 @@ def measure_model(path, *, threads: int | None, batch_size: int = 16, tokens: in
                   steps: int = 2, calibrate: bool = True, calibration_batches: int = 2,
                   calibration_directions: int = 4, candidates=None, rank: int = 8,
                   targets=("attn_q", "attn_v"), shapes=None, warmup: bool = True, on_progress=None,
-                  verbose: bool = False) -> ModelBench:
+                  verbose: bool = False, memory: str = "standard") -> ModelBench:
     """Measure one model (see the module docstring). `on_progress(done, total, what)` after each unit."""
     from .adapter import LoraAdapter
     from .memory import TrainingShape, predict_memory
@@ -140,7 +140,7 @@ def measure_model(path, *, threads: int | None, batch_size: int = 16, tokens: in
     sampler = PeakRSS()
     baseline = sampler.rss()  # before anything of the model is read (its header's Python objects count too)
     name = Path(path).name
-    settings = SessionSettings(batch_size=batch_size, max_tokens=tokens, threads=threads)
+    settings = SessionSettings(batch_size=batch_size, max_tokens=tokens, threads=threads, memory=memory)
     shapes = sorted(set(shapes or (tokens, max(8, tokens // 2))), reverse=True)
     cal_total = calibration_batches * (1 + 2 * calibration_directions * len(candidates or range(6))) if calibrate else 0
     total = len(shapes) * (int(warmup) + repeats) + steps + cal_total
@@ -205,7 +205,7 @@ def measure_model(path, *, threads: int | None, batch_size: int = 16, tokens: in
     points = [PassPoint(stats.name, stats.quant, batch_size * seq, batch_size, seq,
                         stats.flops_by_type(batch_size * seq, batch_size, seq), med, spread)
               for seq, med, spread in points]
-    shape = TrainingShape(batch_size=batch_size, tokens=tokens, rank=rank, targets=tuple(targets))
+    shape = TrainingShape(batch_size=batch_size, tokens=tokens, rank=rank, targets=tuple(targets), memory=memory)
     bench = ModelBench(stats, points, baseline, step_peak, step_seconds, steps, cal, note)
     bench.predicted = predict_memory(stats, shape, runtime_bytes=baseline)
     return bench

@@ -14,7 +14,7 @@ from .errors import UserError
 
 # Settings a run reads from its inputs; compared on --resume.
 RESUME_CHECKED = ("model", "adapter", "data", "eval_data", "task", "train_limit", "min_words", "eval_limit",
-                  "rank", "alpha", "targets", "max_tokens")
+                  "rank", "alpha", "targets", "max_tokens", "memory")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RunInputs:
     alpha: float = 16.0
     targets: str = "attn_q,attn_v"
     max_tokens: int = 128
+    memory: str = "standard"  # how the session holds the model: session.MEMORY_MODES
 
     def check(self) -> None:
         """Everything that can be checked without loading the model, before anything is written."""
@@ -58,6 +59,10 @@ class RunInputs:
             raise UserError("--targets names no weight pattern")
         if not 8 <= self.max_tokens <= 8192:
             raise UserError(f"--max-tokens must be between 8 and 8192, got {self.max_tokens}")
+        from .session import MEMORY_MODES
+
+        if self.memory not in MEMORY_MODES:
+            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
 
     @property
     def target_list(self) -> list[str]:

@@ -53,6 +53,7 @@ class TrainingShape:
     scheme: str = "central"
     optimizer: str = "sgd"
     kv_type: str = "f16"
+    memory: str = "standard"  # session.MEMORY_MODES
 
     def __post_init__(self):
         if self.rank < 1:
@@ -69,7 +70,7 @@ class TrainingShape:
         from .session import SessionSettings
 
         return SessionSettings(batch_size=self.batch_size, max_tokens=self.tokens, threads=threads,
-                               kv_type=self.kv_type)
+                               kv_type=self.kv_type, memory=self.memory)
 
     @property
     def tokens_per_pass(self) -> int:
@@ -131,15 +132,18 @@ def compute_bytes(stats, tokens: int, cells_per_seq: int, outputs: int) -> int:
 
 
 def predict_memory(stats, shape: TrainingShape, runtime_bytes: int | None = None, backend: str = "cpu",
-                   mapped: bool = True, unified_kv: bool = False) -> MemoryEstimate:
+                   mapped: bool | None = None, unified_kv: bool | None = None) -> MemoryEstimate:
     """Peak resident bytes of a training step of `stats` (a `ModelStats`) at `shape`; `runtime_bytes` is the
     process before the model is loaded (default: `profiles.DEFAULT_RUNTIME_MIB`). `mapped=False` and
     `unified_kv=True` predict a session that reads the weights instead of mapping them (llama.cpp's
     `load_mode` NONE: repacked weights then replace their originals instead of doubling them) and shares one
-    KV stream between sequences; `Session` does neither today."""
+    KV stream between sequences, which is what a session with `memory = "lean"` does; by default both follow
+    `shape.memory`."""
     from .profiles import DEFAULT_RUNTIME_MIB
 
     s = shape.settings()
+    mapped = s.memory != "lean" if mapped is None else mapped
+    unified_kv = s.memory == "lean" if unified_kv is None else unified_kv
     cells = kv_cells(s.batch_size, s.max_tokens, unified_kv)
     repacked = stats.repackable_bytes if backend == "cpu" else 0
     kv_elem = 2 if shape.kv_type == "f16" else 4

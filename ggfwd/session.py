@@ -128,6 +128,14 @@ class Plan:
 
 
 KV_TYPES = {"f16": None, "f32": 0}  # KV cache element type -> GGML type id (None: llama.cpp's default, F16)
+# How a session holds the model (`--memory`):
+# - standard: the GGUF is memory-mapped, and every sequence gets a KV stream of its own (padded by llama.cpp to
+#   256 cells), so a sequence's scores do not depend on the other sequences of its decode;
+# - lean: the weights are read instead of mapped (on CPUs llama.cpp's repacked copies then replace the
+#   originals instead of sitting beside them) and the sequences share one KV stream sized for the decode's
+#   tokens. About 40% less memory at 7B (`scripts/bench_devices.py`); scores then depend on a decode's
+#   composition at the level of float rounding, still bitwise reproducible for the same batches.
+MEMORY_MODES = ("standard", "lean")
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16
 
@@ -148,6 +156,7 @@ class SessionSettings:
     kv_type: str = "f16"
     flash_attn: bool = False
     kind: str = "classification"  # the task's kind: generation scores many positions per sequence
+    memory: str = "standard"  # MEMORY_MODES
 
     def __post_init__(self):
         if not 1 <= self.batch_size <= 256:
@@ -158,6 +167,8 @@ class SessionSettings:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if self.kv_type not in KV_TYPES:
             raise UserError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got '{self.kv_type}'")
+        if self.memory not in MEMORY_MODES:
+            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
 
     @property
     def batch_tokens(self) -> int:
@@ -172,7 +183,8 @@ class SessionSettings:
     def open(self, model_path, verbose: bool = False) -> "Session":
         return Session(model_path, n_threads=self.threads, max_seqs=self.batch_size, seq_tokens=self.max_tokens,
                        batch_tokens=self.batch_tokens, max_outputs=self.max_outputs,
-                       kv_f32=self.kv_type == "f32", flash_attn=self.flash_attn, verbose=verbose)
+                       kv_f32=self.kv_type == "f32", flash_attn=self.flash_attn, lean=self.memory == "lean",
+                       verbose=verbose)
 
 
 class Session:
@@ -181,12 +193,13 @@ class Session:
     `max_seqs` sequences of up to `seq_tokens` tokens each, at most `batch_tokens` tokens and
     `max_outputs` scored positions per decode (default: one per sequence, as classification needs; llama.cpp
     reserves `max_outputs x n_vocab` floats for logits, 1 GiB for 1024 outputs of a 262k vocabulary).
-    These settings fix the numerics: keep them the same for evaluations that must be comparable.
+    These settings fix the numerics: keep them the same for evaluations that must be comparable. `lean` reads
+    the weights instead of mapping them and shares one KV stream between the sequences (see MEMORY_MODES).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int | None = None, max_seqs: int = 16,
                  seq_tokens: int = 256, batch_tokens: int = 1024, max_outputs: int | None = None,
-                 kv_f32: bool = False, flash_attn: bool = False, verbose: bool = False):
+                 kv_f32: bool = False, flash_attn: bool = False, lean: bool = False, verbose: bool = False):
         import llama_cpp
 
         self.base = read_base(model_path)
@@ -198,10 +211,12 @@ class Session:
         self.max_seqs, self.seq_tokens = max_seqs, seq_tokens
         self.batch_tokens = max(batch_tokens, seq_tokens)
         self.max_outputs = max_outputs or max_seqs
-        self.kv_f32, self.flash_attn = kv_f32, flash_attn
+        self.kv_f32, self.flash_attn, self.lean = kv_f32, flash_attn, lean
         _quiet_llama(verbose)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
+        if lean:
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.model = llama_cpp.llama_model_load_from_file(str(self.base.path).encode(), mparams)
         if not self.model:
             raise UserError(f"llama.cpp could not load the model (unsupported architecture or damaged file): "
@@ -224,7 +239,7 @@ class Session:
         p.n_batch = p.n_ubatch = self.batch_tokens
         p.n_outputs_max = self.max_outputs
         p.n_threads = p.n_threads_batch = self.n_threads
-        p.kv_unified = False
+        p.kv_unified = self.lean
         p.swa_full = True
         p.flash_attn_type = 1 if self.flash_attn else 0
         p.no_perf = True

@@ -12,13 +12,15 @@ a plain forward with a rank-8 LoRA on q/v applied, the same threads, in the same
 random llamas are built with transformers from the same config; forward time does not depend on the
 values). And it states what PyTorch backprop LoRA would need in memory at each size: computed from the model
 dimensions (`torch_backprop_bytes`), checked against a measured backward step at 270M and 1.1B.
+The 7B-class model is also measured with `--memory lean` (weights read instead of mapped, one KV stream
+shared by the batch's sequences), the session mode that brings its training step under a phone's 6 GB.
 
 The random llamas are written as F16 GGUFs one tensor at a time with gguf-py (never all weights in memory),
 quantized with llama.cpp's `llama_model_quantize`, and deleted at the end unless `--keep`.
 
     python scripts/bench_devices.py                       # full run (~1 h on 2 cores; ~20 GB of disk at peak)
     python scripts/bench_devices.py --smoke               # tiny random llama only, seconds
-    python scripts/bench_devices.py --models gemma,llama1b --profile laptop-2core
+    python scripts/bench_devices.py --models gemma,llama1b --profile ci-x86-2core
 Targets: memory within 10%, time per pass within 25%, 7B training step under 6 GB at 16 x 64 tokens,
 PyTorch / ggfwd seconds per pass >= 1.5 at 270M and >= 3 at 1.1B.
 """
@@ -150,34 +152,11 @@ def child_ggfwd(args) -> dict:
 
     _quiet_llama(False)
     llama_cpp.llama_backend_init()  # the runtime term: the process with llama.cpp loaded, before the model
-    if args.change:
-        _what_if(llama_cpp, args.change)
     bench = measure_model(args.gguf, threads=args.threads, batch_size=args.batch, tokens=args.tokens,
                           repeats=args.repeats, steps=args.steps, calibrate=False, shapes=(args.tokens,),
-                          warmup=args.repeats > 1)  # repeats 0: the training step's memory only
+                          warmup=args.repeats > 1, memory=args.memory)
     return {"points": [p.as_dict() for p in bench.points], "baseline_rss": bench.baseline_rss,
             "step_peak": bench.step_peak_rss, "step_seconds": bench.step_seconds}
-
-
-def _what_if(llama_cpp, change: str) -> None:
-    """Load the way `Session` would with one change it does not make today, by wrapping llama.cpp's calls:
-    `read` (weights read into memory, `load_mode` NONE, instead of mapped: repacked weights then replace their
-    originals instead of doubling them) and `unified` (also one KV stream shared by all sequences, sized for
-    the batch's tokens; numerics then depend on the batch's composition)."""
-    model_params, init = llama_cpp.llama_model_default_params, llama_cpp.llama_init_from_model
-
-    def params():
-        p = model_params()
-        p.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
-        return p
-
-    def init_unified(model, p):
-        p.kv_unified = True
-        return init(model, p)
-
-    llama_cpp.llama_model_default_params = params
-    if change == "unified":
-        llama_cpp.llama_init_from_model = init_unified
 
 
 def _torch_model(stats):
@@ -260,6 +239,31 @@ def child_torch(args) -> dict:
     return {"step_peak": sampler.stop(), "baseline_rss": baseline}
 
 
+def _cpu_features(info: str) -> str:
+    return " ".join(info.split())
+
+
+def pick_profile(name: str) -> str:
+    """`auto`: the shipped profile measured on a llama.cpp build with this build's CPU features (the project's
+    machines come in more than one host class); a profile measured on other features predicts another
+    machine, which is said before anything runs."""
+    import llama_cpp
+
+    from ggfwd.profiles import list_profiles, load_profile
+
+    info = llama_cpp.llama_print_system_info()
+    here = _cpu_features(info.decode() if isinstance(info, bytes) else str(info))
+    if name == "auto":
+        same = [p.name for p in list_profiles() if _cpu_features(p.section("bench").get("system_info", "")) == here]
+        name = same[0] if same else "ci-x86-2core"
+    recorded = _cpu_features(load_profile(name).section("bench").get("system_info", ""))
+    if recorded and recorded != here:
+        print(f"warning: profile {name} was measured on a llama.cpp build with other CPU features ({recorded}) than "
+              f"this one ({here}): its times predict that machine. Measure this one with `ggfwd devices bench "
+              f"--save here` and pass --profile here.", flush=True)
+    return name
+
+
 def run_child(kind: str, gguf: Path, args, **extra) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--gguf", str(gguf), "--threads", str(args.threads),
            "--batch", str(args.batch), "--tokens", str(args.tokens)]
@@ -298,7 +302,8 @@ def fmt_mib(b: float) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gemma,llama1b,llama7b", help="comma-separated: gemma, llama1b, llama7b, tiny")
-    ap.add_argument("--profile", default="ci-x86-2core", help="device profile whose speed model predicts the times")
+    ap.add_argument("--profile", default="auto", help="device profile whose speed model predicts the times (auto: the "
+                    "shipped one measured on a build with this build's CPU features)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: the profile's)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
@@ -311,12 +316,12 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the random models for the next run")
     ap.add_argument("--smoke", action="store_true", help="the tiny random llama only, 1 repeat: a check that runs")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
-    ap.add_argument("--what-if", default="", help="comma-separated models also measured with Session's two memory "
-                    "savings it does not use (weights read, not mapped; one shared KV stream), one training step each")
+    ap.add_argument("--lean", default="llama7b", help="comma-separated models also measured with `--memory lean` "
+                    "(weights read instead of mapped, one KV stream shared by the batch), one training step each")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
-    ap.add_argument("--change", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--memory", default="standard", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(args)
@@ -325,17 +330,17 @@ def main():
     from ggfwd.modelstats import ModelStats
     from ggfwd.profiles import load_profile
 
-    profile = load_profile(args.profile)
+    profile = load_profile(pick_profile(args.profile))
     args.threads = args.threads or profile.threads
     if args.smoke:
-        args.models, args.repeats, args.steps = "tiny", 1, 1
+        args.models, args.repeats, args.steps, args.lean = "tiny", 1, 1, "tiny"
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     torch_models = {m.strip() for m in args.torch.split(",")}
     check_models = {m.strip() for m in args.backprop_check.split(",")}
     if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
         print("PyTorch or transformers is not installed: the PyTorch columns are left out", flush=True)
         torch_models, check_models = set(), set()
-    what_if = {m.strip() for m in args.what_if.split(",") if m.strip()}
+    lean = {m.strip() for m in args.lean.split(",") if m.strip()}
     shape = TrainingShape(batch_size=args.batch, tokens=args.tokens)
     print(f"profile {profile.name} ({profile.threads} threads), running with {args.threads} thread(s), "
           f"batch {args.batch} x {args.tokens} tokens; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -366,20 +371,15 @@ def main():
             row["torch_backprop_measured"] = b["step_peak"]
             row["torch_runtime"] = b["baseline_rss"]
             print(f"{name}: PyTorch backprop step peak {fmt_mib(b['step_peak'])} MiB", flush=True)
-        if name in what_if:
-            row["what_if"] = []
-            for change in ("read", "unified"):
-                w = run_child("ggfwd", path, args, repeats=1, steps=1, change=change)
-                pred = predict_memory(stats, shape, runtime_bytes=w["baseline_rss"], mapped=False,
-                                      unified_kv=change == "unified")
-                row["what_if"].append({"change": change, "measured_rss": w["step_peak"], "predicted_rss": pred.total,
-                                       "seconds": w["points"][0]["seconds"]})
-                print(f"{name}: what-if {change}: {fmt_mib(w['step_peak'])} MiB measured, "
-                      f"{fmt_mib(pred.total)} predicted, {w['points'][0]['seconds']:.2f} s per pass", flush=True)
+        if name in lean:
+            w = run_child("ggfwd", path, args, repeats=1, steps=1, memory="lean")
+            pred = predict_memory(stats, TrainingShape(batch_size=args.batch, tokens=args.tokens, memory="lean"),
+                                  runtime_bytes=w["baseline_rss"])
+            row["lean"] = {"measured_rss": w["step_peak"], "predicted_rss": pred.total,
+                           "seconds": w["points"][0]["seconds"]}
+            print(f"{name}: --memory lean: {fmt_mib(w['step_peak'])} MiB measured, {fmt_mib(pred.total)} predicted, "
+                  f"{w['points'][0]['seconds']:.2f} s per pass", flush=True)
         rows.append(row)
-    for r in rows:
-        r["what_if_predicted"] = {c: predict_memory(r["stats"], shape, runtime_bytes=r["memory_parts"]["runtime"], mapped=False,
-                                                    unified_kv=c == "unified").total for c in ("read", "unified")}
     runtimes = [r["torch_runtime"] for r in rows if "torch_runtime" in r]
     for r in rows:  # computed at every size; the torch runtime is what the measured children had
         r["torch_backprop"] = torch_backprop_bytes(r.pop("stats"), shape, runtime_bytes=r.get(
@@ -418,22 +418,17 @@ def report(rows, args, profile) -> None:
         parts = ", ".join(f"{k} {fmt_mib(v)}" for k, v in r["memory_parts"].items() if k != "total")
         print(f"  {r['model']}: predicted parts (MiB): {parts}; whole-process ru_maxrss {fmt_mib(r['maxrss'])} MiB")
     for r in rows:
-        for w in r.get("what_if", []):
-            print(f"  {r['model']} with {WHAT_IF[w['change']]}: peak RSS {fmt_mib(w['measured_rss'])} MiB measured, "
+        if "lean" in r:
+            w = r["lean"]
+            print(f"  {r['model']} with --memory lean: peak RSS {fmt_mib(w['measured_rss'])} MiB measured, "
                   f"{fmt_mib(w['predicted_rss'])} predicted ({w['predicted_rss'] / w['measured_rss'] - 1:+.1%}); "
-                  f"{w['seconds']:.2f} s per pass (default load {r['measured_s']:.2f} s)")
-    big = [r for r in rows if r["params"] > 3e9]
-    for r in big:
-        for change in ("read", "unified"):
-            print(f"  {r['model']} predicted with {WHAT_IF[change]}: "
-                  f"{r['what_if_predicted'][change] / 1e9:.2f} GB")
-        print(f"  {r['model']}: training step peak {r['measured_rss'] / 1e9:.2f} GB (goal < 6 GB); PyTorch backprop "
-              f"LoRA would need {r['torch_backprop']['total'] / 1e9:.1f} GB in fp32 "
-              f"({torch_backprop_bf16(r) / 1e9:.1f} GB with bf16 weights and activations)")
-
-
-WHAT_IF = {"read": "weights read instead of mapped (load_mode NONE)",
-           "unified": "weights read and one shared KV stream (load_mode NONE, kv_unified)"}
+                  f"{w['seconds']:.2f} s per pass (standard {r['measured_s']:.2f} s)")
+    for r in rows:
+        if r["params"] > 3e9:
+            lean = f", --memory lean {r['lean']['measured_rss'] / 1e9:.2f} GB" if "lean" in r else ""
+            print(f"  {r['model']}: training step peak {r['measured_rss'] / 1e9:.2f} GB{lean} (goal < 6 GB); PyTorch "
+                  f"backprop LoRA would need {r['torch_backprop']['total'] / 1e9:.1f} GB in fp32 "
+                  f"({torch_backprop_bf16(r) / 1e9:.1f} GB with bf16 weights and activations)")
 
 
 def torch_backprop_bf16(row) -> float:

@@ -196,4 +196,7 @@ def test_bench_devices_script_smoke(tmp_path):
     assert row["model"] == "tiny" and row["quant"] == "q4_k_m"
     assert row["predicted_rss"] == pytest.approx(row["measured_rss"], rel=0.2)
     assert row["measured_s"] > 0 and row["torch_backprop"]["total"] > row["torch_backprop"]["weights"] > 0
+    lean = row["lean"]  # --memory lean measured through the product's own session
+    assert lean["predicted_rss"] == pytest.approx(lean["measured_rss"], rel=0.2) and lean["seconds"] > 0
+    assert "with --memory lean" in r.stdout
     assert not list((tmp_path / "models").glob("*.gguf"))  # the random model is deleted afterwards

@@ -15,7 +15,8 @@ from ggfwd.profiles import (DeviceProfile, builtin_profiles, list_profiles, load
                             to_toml, user_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ("ci-x86-2core", "phone-midrange", "phone-flagship", "pi5", "laptop-x86", "macbook-m4", "desktop-vulkan")
+MEASURED = ("ci-x86-2core", "ci-x86-avx512")  # written by `ggfwd devices bench` on the project's two host classes
+SHIPPED = (*MEASURED, "phone-midrange", "phone-flagship", "pi5", "laptop-x86", "macbook-m4", "desktop-vulkan")
 
 GOOD = """name = "NAME"
 description = "a test device"
@@ -91,7 +92,7 @@ CITED_MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "ci-x86-2core"])
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n not in MEASURED])
 def test_cited_profiles_write_out_a_conversion_that_adds_up(name):
     from ggfwd.modelstats import dims_flops_per_token
 
@@ -105,13 +106,13 @@ def test_cited_profiles_write_out_a_conversion_that_adds_up(name):
     assert dims_flops_per_token(**CITED_MODELS[model], context=256.5) / 1e9 == pytest.approx(per_token, abs=6e-4)
 
 
-def test_the_measured_profile_is_what_its_own_points_fit():
-    """ci-x86-2core was written by `ggfwd devices bench`: its rates and overhead are the least-squares fit of
-    the passes it recorded (two models, two batch shapes each), and each recorded pass is predicted within
-    25%."""
+@pytest.mark.parametrize("name", MEASURED)
+def test_the_measured_profile_is_what_its_own_points_fit(name):
+    """A profile written by `ggfwd devices bench`: its rates and overhead are the least-squares fit of the
+    passes it recorded (two models, two batch shapes each), and each recorded pass is predicted within 25%."""
     from ggfwd.devicebench import PassPoint, fit_speed
 
-    p = load_profile("ci-x86-2core")
+    p = load_profile(name)
     bench = p.raw["bench"]
     assert bench["date"] and bench["llama_cpp_python"] and "CPU" in bench["system_info"]
     points = [PassPoint.from_dict(q) for q in bench["points"]]
@@ -312,15 +313,16 @@ def _logged_sizes(text: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("batch,tokens", [(16, 64), (4, 300), (8, 32)])
-def test_memory_model_parts_agree_with_what_llama_cpp_allocates(quantized_llama, capfd, batch, tokens):
+@pytest.mark.parametrize("batch,tokens,memory", [(16, 64, "standard"), (4, 300, "standard"), (8, 32, "standard"),
+                                                 (16, 64, "lean"), (4, 300, "lean")])
+def test_memory_model_parts_agree_with_what_llama_cpp_allocates(quantized_llama, capfd, batch, tokens, memory):
     """KV cache, logits buffer and repacked weights exactly as llama.cpp logs them; the compute buffer
     within 25% (it is the graph allocator's peak, which the model approximates)."""
     from ggfwd.memory import TrainingShape, predict_memory
     from ggfwd.modelstats import ModelStats
 
     stats = ModelStats.from_gguf(quantized_llama)
-    shape = TrainingShape(batch_size=batch, tokens=tokens)
+    shape = TrainingShape(batch_size=batch, tokens=tokens, memory=memory)
     capfd.readouterr()
     session = shape.settings(threads=1).open(quantized_llama, verbose=True)
     session.close()
@@ -331,7 +333,10 @@ def test_memory_model_parts_agree_with_what_llama_cpp_allocates(quantized_llama,
     assert mem.weights_repacked / mib == pytest.approx(logged["repack"], abs=0.01)
     assert mem.kv_cache / mib == pytest.approx(logged["kv"], abs=0.01)
     assert mem.outputs / mib == pytest.approx(logged["outputs"], abs=0.01)
-    assert mem.compute / mib == pytest.approx(logged["compute"], rel=0.25)
+    if memory == "standard":
+        assert mem.compute / mib == pytest.approx(logged["compute"], rel=0.25)
+    else:  # over one shared stream the attention term over-predicts (34 vs 26 MiB here): a bound, not an estimate
+        assert logged["compute"] <= mem.compute / mib <= 1.4 * logged["compute"]
 
 
 def test_memory_model_against_a_measured_training_step(quantized_llama):

@@ -112,6 +112,33 @@ def test_scoring_is_bitwise_reproducible_and_eps_roundtrip_returns_original(tiny
         assert s.score(s.plan(data)).losses.tobytes() == first.tobytes()
 
 
+def test_lean_memory_keeps_sequences_apart_and_reproduces_bitwise(tiny_model, tiny_weights):
+    """`lean` reads the weights instead of mapping them and gives the decode's sequences one shared KV stream:
+    the attention masks must still keep them apart (each loss is the exact forward pass of its own text), and a
+    plan must score to the same bits again, also after a perturbation and its return."""
+    import llama_cpp
+
+    with Session(tiny_model, n_threads=1, max_seqs=4, seq_tokens=128, batch_tokens=256) as standard:
+        assert llama_cpp.llama_n_ctx_seq(standard.ctx) == 256  # a stream per sequence, padded to 256 cells
+    with Session(tiny_model, n_threads=2, max_seqs=4, seq_tokens=128, batch_tokens=256, kv_f32=True, lean=True) as s:
+        assert llama_cpp.llama_n_ctx_seq(s.ctx) == llama_cpp.llama_n_ctx(s.ctx) == 512  # one shared stream
+        data = _classification(s)
+        ad = _random_b(LoraAdapter.create(s.base, rank=4, seed=1), seed=2, std=0.05)
+        s.set_adapter(ad)
+        plan = s.plan(data)
+        scores = s.score(plan)
+        lora = {n: (ad.a[n], ad.b[n]) for n in ad.targets}
+        for ex, loss in zip(data.examples, scores.losses):
+            z = tinymodel.forward(tiny_weights, ex.tokens, lora=lora, scale=ad.scale)[-1, data.classes]
+            logp = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+            assert loss == pytest.approx(-logp[ex.targets[0]], rel=1e-4, abs=1e-6)
+        theta = ad.params.copy()
+        s.set_params(theta + 0.01)
+        assert not np.array_equal(s.score(plan).losses, scores.losses)
+        s.set_params(theta)
+        assert s.score(plan).losses.tobytes() == scores.losses.tobytes()
+
+
 def test_left_truncation_keeps_the_end_of_the_text(session):
     long_text = " ".join(["very"] * 200) + " the movie was great"
     data = _classification(session, [long_text, "fun"])

@@ -169,6 +169,7 @@ def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     (["--rank", "0"], "rank must be >= 1"),
     (["--targets", "nothing_here"], "match no weight"),
     (["--max-tokens", "4"], "max-tokens must be between"),
+    (["--memory", "small"], "--memory must be one of standard, lean"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
     from ggfwd.cli import main
@@ -196,7 +197,7 @@ def test_resume_refuses_changed_settings_and_missing_runs(tiny, tmp_path):
     for extra, fragment in [(["--lr", "0.5"], "--lr 0.5 differs from the run's 0.2"),
                             (["--data", other], "--data"), (["--model", tiny["task"]], "--model"),
                             (["--task", "sst2"], "--task sst2 differs"), (["--max-tokens", "32"], "--max-tokens 32"),
-                            (["--eval-data", other], "--eval-data")]:
+                            (["--eval-data", other], "--eval-data"), (["--memory", "lean"], "--memory lean")]:
         r = cli("train", "--out", tmp_path / "run", "--resume", *extra)
         assert r.returncode == 2 and "differs from the run's" in r.stderr and fragment in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1

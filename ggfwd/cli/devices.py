@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError
+from .options import MEMORY_OPTION, flag
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Device profiles: list, show, compare for a model and training shape, measure this machine.")
@@ -29,7 +30,7 @@ MIB = 2 ** 20
 
 PROFILES_OPTION = typer.Option(None, "--profiles", help="Extra folder of profile TOML files (searched first; "
                                                         "$GGFWD_PROFILES works too).")
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON on stdout instead of a table.")
+JSON_OPTION = flag("--json", help="Print JSON on stdout instead of a table.")
 
 
 def _dirs(profiles: Optional[Path]):
@@ -104,7 +105,7 @@ def show_command(name: str = typer.Argument(..., help="Profile name or path to a
     Console().print(table)
 
 
-def _comparison(names, model, rank, targets, batch_size, tokens, directions, optimizer, profiles):
+def _comparison(names, model, rank, targets, batch_size, tokens, directions, optimizer, profiles, memory="standard"):
     from ..demo import demo_model
     from ..memory import TrainingShape, predict_memory
     from ..modelstats import ModelStats
@@ -115,7 +116,7 @@ def _comparison(names, model, rank, targets, batch_size, tokens, directions, opt
     devices = [load_profile(n, _dirs(profiles)) for n in names]
     shape = TrainingShape(batch_size=batch_size, tokens=tokens, rank=rank,
                           targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                          directions=directions, optimizer=optimizer)
+                          directions=directions, optimizer=optimizer, memory=memory)
     stats = ModelStats.from_gguf(model or demo_model())
     n_lora = stats.lora_params(shape.targets, shape.rank)
     if stats.tied_embeddings and any("token_embd" in t for t in shape.targets):
@@ -140,7 +141,7 @@ def _comparison(names, model, rank, targets, batch_size, tokens, directions, opt
             "training": {"batch_size": shape.batch_size, "tokens": shape.tokens, "tokens_per_pass": shape.tokens_per_pass,
                          "rank": shape.rank, "targets": list(shape.targets), "lora_params": n_lora,
                          "directions": shape.directions, "passes_per_step": shape.passes_per_step,
-                         "optimizer": shape.optimizer},
+                         "optimizer": shape.optimizer, "memory": shape.memory},
             "devices": rows}
 
 
@@ -163,13 +164,15 @@ def compare_command(
     tokens: int = typer.Option(64, help="Tokens per example (the session is sized for exactly this)."),
     directions: int = typer.Option(1, help="Perturbation directions per step (2 passes each, central differences)."),
     optimizer: str = typer.Option("sgd", help="sgd or adam (adam keeps two more values per trained parameter)."),
+    memory: Optional[str] = MEMORY_OPTION,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a bar chart to this .png file."),
     profiles: Optional[Path] = PROFILES_OPTION,
     as_json: bool = JSON_OPTION,
 ):
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {plot}")
-    result = _comparison(names, model, rank, targets, batch_size, tokens, directions, optimizer, profiles)
+    result = _comparison(names, model, rank, targets, batch_size, tokens, directions, optimizer, profiles,
+                         memory or "standard")
     if plot is not None:
         _plot(result, plot)
     if as_json:
@@ -178,7 +181,7 @@ def compare_command(
     m, t = result["model"], result["training"]
     table = Table(title=f"{m['name']} ({m['params'] / 1e9:.2f}B, {m['quant']}): batch {t['batch_size']} x {t['tokens']} "
                         f"tokens, rank-{t['rank']} LoRA on {','.join(t['targets'])} ({t['lora_params']:,} values), "
-                        f"{t['directions']} direction(s)/step")
+                        f"{t['directions']} direction(s)/step, {t['memory']} memory")
     for col in ("device", "backend", "peak memory MiB", "budget MiB", "fits", "GFLOP/s", "s / pass",
                 "s / perturbation", "perturbations / min", "1,000 passes"):
         table.add_column(col, justify="left" if col in ("device", "backend", "fits") else "right")
@@ -250,10 +253,10 @@ def bench_command(
     tokens: int = typer.Option(64, help="Tokens per example."),
     repeats: int = typer.Option(3, min=1, help="Timed passes per batch shape (median)."),
     steps: int = typer.Option(2, min=1, help="Training steps measured for the peak memory."),
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also measure noise floor and eps on SST-2 batches."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", metavar="", help="Also measure noise floor and eps on SST-2 batches."),
     batches: int = typer.Option(2, min=1, help="Calibration batches."),
     directions: int = typer.Option(4, min=1, help="Calibration directions per batch."),
-    smoke: bool = typer.Option(False, "--smoke", help="Smallest run that exercises every part (1 repeat, 1 step, a "
+    smoke: bool = flag("--smoke", help="Smallest run that exercises every part (1 repeat, 1 step, a "
                                                       "3-candidate calibration on 1 batch): seconds on a tiny model."),
     kind: str = typer.Option("server", help="Device kind written to the profile: phone, laptop, desktop, sbc, server."),
     budget: float = typer.Option(0.5, help="Memory budget as a fraction of total memory (written as derived)."),
@@ -261,7 +264,7 @@ def bench_command(
     description: Optional[str] = typer.Option(None, help="Profile description (default: from the hardware)."),
     profiles: Optional[Path] = PROFILES_OPTION,
     as_json: bool = JSON_OPTION,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log."),
+    verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
     from ..demo import demo_model
     from ..devicebench import fit_speed, measure_model, profile_dict

@@ -15,7 +15,7 @@ from ..adapter import LoraAdapter
 from ..progress import progress_bar
 from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
 from ..tasks import load_examples, load_task, tokenize_examples
-from .options import flag
+from .options import MEMORY_OPTION, flag
 
 err = Console(stderr=True)
 
@@ -29,6 +29,7 @@ def eval_command(
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="Longest example in tokens; longer texts are cut from the left "
                                                             "(the same default as ggfwd train, so scores match its evaluation)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, max=256, help="Examples per llama_decode."),
+    memory: Optional[str] = MEMORY_OPTION,
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
     as_json: bool = flag("--json", help="Print the result as JSON on stdout."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
@@ -36,7 +37,8 @@ def eval_command(
     from ..demo import demo_model, sst2_file
 
     the_task = load_task(task)
-    settings = SessionSettings(batch_size=batch_size, max_tokens=max_tokens, threads=threads, kind=the_task.kind)
+    settings = SessionSettings(batch_size=batch_size, max_tokens=max_tokens, threads=threads, kind=the_task.kind,
+                               memory=memory or "standard")
     data = data or sst2_file("dev")
     examples = load_examples(data, the_task, limit)
     lora = LoraAdapter.load(adapter) if adapter else None

@@ -15,7 +15,7 @@ from rich.progress import TextColumn
 
 from ..progress import progress_bar
 from .train import _inputs_given, _previous_metrics, resolve_run, session_settings
-from .options import flag
+from .options import MEMORY_OPTION, flag
 
 err = Console(stderr=True)
 
@@ -59,6 +59,7 @@ def federate_command(
     alpha: Optional[float] = typer.Option(None, help="Alpha of a fresh adapter \\[default: 16]."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter \\[default: attn_q,attn_v]."),
     max_tokens: Optional[int] = typer.Option(None, help="Longest example in tokens \\[default: 128]."),
+    memory: Optional[str] = MEMORY_OPTION,
     lr: Optional[float] = typer.Option(None, help=f"Learning rate \\[default: {DEMO['lr']}, sgd]."),
     eps: Optional[float] = typer.Option(None, help="Perturbation size \\[default: 0.1]."),
     directions: Optional[int] = typer.Option(None, help="Directions per client and round \\[default: 1]."),

@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 
 from ..errors import UserError
-from .options import flag
+from .options import MEMORY_OPTION, flag
 
 err = Console(stderr=True)
 BUNDLE = Path(__file__).resolve().parent.parent / "federation" / "flower_bundle"
@@ -327,6 +327,7 @@ def join_command(
     state: Path = typer.Option(Path("ggfwd-node"), "--state", help="Node folder: settings, this node's adapter replica, Flower's files."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Task file or name (default: the run's)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
+    memory: Optional[str] = MEMORY_OPTION,
     local_port: int = typer.Option(9094, "--local-port", help="Port of this node's local Flower runtime API (distinct per node on one host)."),
 ):
     from ..federation.node import NodeSettings
@@ -346,7 +347,7 @@ def join_command(
         from ..demo import demo_model
 
         model = demo_model()
-    settings = NodeSettings(str(model), str(data), profile, client_id, threads, task)
+    settings = NodeSettings(str(model), str(data), profile, client_id, threads, task, memory or "standard")
     settings.check()
     _need_flower()
     state.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from ..estimator import passes_per_step
 from ..progress import progress_bar
 from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
 from ..trainer import TrainConfig, batch_indices, read_metrics, read_state
-from .options import flag
+from .options import MEMORY_OPTION, flag
 
 err = Console(stderr=True)
 
@@ -52,7 +52,7 @@ def _inputs_given(options: dict) -> dict:
     absolute = lambda p: None if p is None else str(Path(p).resolve())
     return {k: (absolute(options.get(k)) if k in ("model", "adapter", "data", "eval_data") else options.get(k))
             for k in ("model", "adapter", "data", "eval_data", "task", "train_limit", "min_words", "eval_limit",
-                      "rank", "alpha", "targets", "max_tokens")}
+                      "rank", "alpha", "targets", "max_tokens", "memory")}
 
 
 def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path], resume: bool,
@@ -108,7 +108,8 @@ def session_settings(inputs, threads: Optional[int]) -> SessionSettings:
     scores a saved adapter exactly as the run's own evaluation did."""
     from ..tasks import load_task
 
-    return SessionSettings(max_tokens=inputs.max_tokens, threads=threads, kind=load_task(inputs.task).kind)
+    return SessionSettings(max_tokens=inputs.max_tokens, threads=threads, kind=load_task(inputs.task).kind,
+                           memory=inputs.memory)
 
 
 def train_command(
@@ -146,6 +147,7 @@ def train_command(
     alpha: Optional[float] = typer.Option(None, help="Alpha of a fresh adapter \\[default: 16]."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter \\[default: attn_q,attn_v]."),
     max_tokens: Optional[int] = typer.Option(None, help=f"Longest example in tokens \\[default: {DEFAULT_MAX_TOKENS}]."),
+    memory: Optional[str] = MEMORY_OPTION,
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/train-TIMESTAMP)."),
     resume: bool = flag("--resume", help="Continue the run in --out from its last checkpoint."),
@@ -216,6 +218,7 @@ def calibrate_command(
     alpha: float = typer.Option(16.0, help="Alpha of a fresh adapter."),
     targets: str = typer.Option("attn_q,attn_v", help="Comma-separated weight patterns for a fresh adapter."),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="Longest example in tokens."),
+    memory: Optional[str] = MEMORY_OPTION,
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
     as_json: bool = flag("--json", help="Print the calibration as JSON on stdout."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
@@ -232,7 +235,7 @@ def calibrate_command(
         raise UserError(f"--candidates needs at least three positive eps values, got '{candidates}'")
     config = TrainConfig(seed=seed, distribution=distribution, part=part, scaling=scaling, batch_size=batch_size)
     the_task = load_task(task)
-    settings = SessionSettings(max_tokens=max_tokens, threads=threads, kind=the_task.kind)
+    settings = SessionSettings(max_tokens=max_tokens, threads=threads, kind=the_task.kind, memory=memory or "standard")
     examples = load_examples(data or sst2_file("train"), the_task, batches * batch_size)
     if len(examples) < batches * batch_size:
         raise UserError(f"--batches {batches} x --batch-size {batch_size} needs {batches * batch_size} rows; "

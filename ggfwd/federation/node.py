@@ -39,6 +39,7 @@ class NodeSettings:
     client: int | None = None  # the client id asked for (None: the server assigns one)
     threads: int | None = None
     task: str | None = None  # None: the run's task
+    memory: str = "standard"  # how this device's session holds the model (session.MEMORY_MODES)
 
     def check(self) -> None:
         from ..base import check_gguf_file
@@ -52,12 +53,17 @@ class NodeSettings:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if len(self.profile) > 64:
             raise UserError("--profile names a profile of at most 64 characters")
+        from ..session import MEMORY_MODES
+
+        if self.memory not in MEMORY_MODES:
+            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
 
     def write(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / NODE_FILE
         data = {"model": str(Path(self.model).resolve()), "data": str(Path(self.data).resolve()),
-                "profile": self.profile, "client": self.client, "threads": self.threads, "task": self.task}
+                "profile": self.profile, "client": self.client, "threads": self.threads, "task": self.task,
+                "memory": self.memory}
         atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
         return path
 
@@ -65,7 +71,8 @@ class NodeSettings:
     def read(cls, path: str | os.PathLike) -> "NodeSettings":
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls(**{k: d[k] for k in ("model", "data", "profile", "client", "threads", "task")})
+            return cls(**{k: d[k] for k in ("model", "data", "profile", "client", "threads", "task")},
+                       memory=d.get("memory", "standard"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"node settings {path} cannot be read: {exc}") from None
 
@@ -160,6 +167,7 @@ class Node:
         inputs = run["inputs"]
         inputs.model, inputs.data = self.settings.model, self.settings.data
         inputs.task = self.settings.task or inputs.task
+        inputs.memory = self.settings.memory  # a device's own choice: its scalars are its own estimates
         with session_settings(inputs, self.settings.threads).open(inputs.model) as session:
             train, _, adapter = inputs.load(session, c.seed)
             perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
