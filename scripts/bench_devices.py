@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time

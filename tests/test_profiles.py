@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ggfwd.errors import UserError
-from ggfwd.profiles import (DeviceProfile, builtin_profiles, list_profiles, load_profile, save_profile,
+from ggfwd.profiles import (list_profiles, load_profile, save_profile,
                             to_toml, user_dir)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -75,7 +75,7 @@ def federate_command(
     resume: bool = flag("--resume", help="Continue the federation in --out from its last checkpoint."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from ..federation.simulate import FedConfig, Federation
+    from ..federation.simulate import Federation
 
     steps = rounds
     given = {k: v for k, v in locals().items() if k in _FED_OPTIONS and v is not None}
