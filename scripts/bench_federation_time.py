@@ -16,6 +16,8 @@ everything else is shared):
   e    c with the unbiased, importance-weighted variant
   c0   c without down-weighting skipped clients in sampling (not in the default --runs: it tests whether
        concentrating the work on the fast devices' data is what costs c accuracy under label skew)
+  c3   c whose rounds last until at least 3 of the 4 selected clients finish a direction (--min-clients 3; the
+       fast ones fill the longer round, up to --max-directions): breadth of data against round length
 
 A run stops at its first evaluation at or above --stop-at (the highest target; 0: never) or after --rounds.
 Reported per run: simulated time, forward passes and rounds until each --targets accuracy, bytes per client and
@@ -48,6 +50,7 @@ RUNS = {
     "d": ("(c) + discriminative sampling", {**SPEED, "sampling": "discriminative"}),
     "e": ("(c) + unbiased sampling", {**SPEED, "sampling": "unbiased"}),
     "c0": ("(c) without down-weighting", {**SPEED, "downweight": 0.0}),
+    "c3": ("(c) with at least 3 contributing clients", {**SPEED, "min_clients": 3}),
 }
 
 

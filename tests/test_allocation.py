@@ -51,6 +51,24 @@ def test_speed_allocation_never_exceeds_the_deadline_and_is_as_short_as_the_targ
     assert [n for _, n in FWDLLM_SCHEDULE] == [1, 3, 5, 10]
 
 
+def test_min_clients_lengthens_the_round_until_that_many_contribute():
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        costs = [Cost(float(rng.uniform(0, 0.5)), float(rng.uniform(0.01, 10))) for _ in range(rng.integers(1, 9))]
+        cap, target = int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        m = int(rng.integers(0, len(costs) + 1))
+        counts, d = allocate("speed", costs, cap=cap, target=target, min_clients=m)
+        assert sum(n > 0 for n in counts) >= m  # at least m clients finish a direction
+        assert sum(counts) >= min(target, cap * len(costs))  # and the target is still met
+        assert all(n == 0 or cost.seconds(n) <= d + 1e-9 for cost, n in zip(costs, counts))  # within the deadline
+        plain, d0 = allocate("speed", costs, cap=cap, target=target)
+        assert d >= d0 and (d == d0 or sum(n > 0 for n in by_deadline(costs, d * (1 - 1e-6) - 1e-9, cap)) < m)
+    # the slow device is let in, and the fast one fills the longer round up to its cap
+    fast, slow = Cost(0.01, 0.05), Cost(0.02, 8.0)
+    counts, d = allocate("speed", [slow, fast], cap=16, target=4, min_clients=2)
+    assert counts == [1, 16] and d == pytest.approx(8.02)
+
+
 def test_the_pacing_rule_raises_the_count_when_the_scalar_variance_rises():
     rng = np.random.default_rng(0)
     pacer = VariancePacer(base=4, most=32)
@@ -247,6 +265,7 @@ def test_default_messages_keep_their_bytes():
     (["--max-directions", "0"], "--max-directions"),
     (["--candidates", "70000"], "--candidates"),
     (["--downweight", "1.5"], "--downweight"),
+    (["--min-clients", "9"], "--min-clients must lie in [0, --clients-per-round"),
 ])
 def test_bad_allocation_options_are_one_line_errors(tiny, tmp_path, args, fragment):
     r = run_cli("federate", "--model", tiny["model"], "--data", tiny["train"], "--task", tiny["task"],

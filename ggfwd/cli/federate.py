@@ -24,8 +24,8 @@ DEMO_DEVICES = "laptop-x86:4,phone-midrange:4,pi5:2"
 _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
                 "eval_every", "checkpoint_every", "clip")
 _FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "dropout",
-                       "hostile", "allocation", "pacing", "target", "max_directions", "pacing_max", "downweight",
-                       "sampling", "candidates")
+                       "hostile", "allocation", "pacing", "target", "max_directions", "min_clients", "pacing_max",
+                       "downweight", "sampling", "candidates")
 
 
 def federate_command(
@@ -42,6 +42,7 @@ def federate_command(
     pacing: Optional[str] = typer.Option(None, "--pacing", help="Directions per round: fixed, or variance (raised while the scalars' variance is above its starting level; logged per round) \\[default: fixed]."),
     target: Optional[int] = typer.Option(None, "--target", help="Directions per round for --allocation speed and --pacing variance (0: clients per round x directions) \\[default: 0]."),
     max_directions: Optional[int] = typer.Option(None, "--max-directions", help="Most directions one client gets in a round with --allocation speed \\[default: 16]."),
+    min_clients: Optional[int] = typer.Option(None, "--min-clients", help="With --allocation speed and a target: lengthen the round until at least this many selected clients finish one direction (breadth under label skew) \\[default: 0]."),
     pacing_max: Optional[int] = typer.Option(None, "--pacing-max", help="Most directions per round --pacing variance may ask for \\[default: 64]."),
     downweight: Optional[float] = typer.Option(None, "--downweight", help="Down-weight clients that miss deadlines in sampling: decay of their miss count per round (0: off) \\[default: 0]."),
     sampling: Optional[str] = typer.Option(None, "--sampling", help="random, discriminative (top-K of --candidates by |cosine| with the last update) or unbiased (importance-weighted) \\[default: random]."),

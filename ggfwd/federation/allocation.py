@@ -71,20 +71,28 @@ def by_deadline(costs: list[Cost], deadline: float, cap: int) -> list[int]:
     return [c.fits(deadline, cap) for c in costs]
 
 
-def deadline_for(costs: list[Cost], target: int, cap: int, limit: float = float("inf")) -> float:
+def deadline_for(costs: list[Cost], target: int, cap: int, limit: float = float("inf"), min_clients: int = 0) -> float:
     """The smallest deadline at which the clients' speed-aware counts add up to `target` (every client at
-    `cap` if they cannot), at most `limit`."""
+    `cap` if they cannot) and at least `min_clients` clients finish one direction, at most `limit`.
+
+    `min_clients` trades round length for breadth: under label skew, a round served by the fastest devices
+    alone samples only their data (the time-to-accuracy benchmark's finding); the fast devices then fill the
+    longer round with more directions, up to `cap`, instead of idling."""
     ends = sorted(c.seconds(k) for c in costs for k in range(1, cap + 1))
     if not ends:
         return 0.0
     d = ends[min(len(ends), max(1, int(target))) - 1]
+    if min_clients > 0:
+        firsts = sorted(c.seconds(1) for c in costs)
+        d = max(d, firsts[min(len(firsts), min_clients) - 1])
     return min(d, limit)
 
 
 def allocate(policy: str, costs: list[Cost], *, directions: int = 1, cap: int = 16, target: int = 0,
-             deadline: float = float("inf"), progress: float = 0.0) -> tuple[list[int], float]:
+             deadline: float = float("inf"), progress: float = 0.0, min_clients: int = 0) -> tuple[list[int], float]:
     """(directions per client, the round's deadline) under `policy`. `target`: the round's total count for
-    `speed` (0: use `deadline`); `deadline`: the configured deadline (inf: none)."""
+    `speed` (0: use `deadline`); `deadline`: the configured deadline (inf: none); `min_clients`: with a
+    target, the deadline also lets this many clients finish a direction (see `deadline_for`)."""
     if policy == "uniform":
         return uniform(costs, directions), deadline
     if policy == "schedule":
@@ -92,7 +100,7 @@ def allocate(policy: str, costs: list[Cost], *, directions: int = 1, cap: int = 
     if policy != "speed":
         raise ValueError(f"unknown allocation policy '{policy}'")
     if target > 0:
-        deadline = deadline_for(costs, target, cap, deadline)
+        deadline = deadline_for(costs, target, cap, deadline, min_clients)
     if not math.isfinite(deadline):
         raise ValueError("speed-aware allocation needs a deadline or a target count")
     return by_deadline(costs, deadline, cap), deadline

@@ -58,6 +58,7 @@ class FedConfig:
     pacing: str = "fixed"  # fixed | variance: the round's direction count follows the scalars' variance
     target: int = 0  # directions per round for `speed`/`variance` (0: clients_per_round x directions)
     max_directions: int = 16  # most directions one client is given in a round (speed-aware allocation)
+    min_clients: int = 0  # speed-aware allocation with a target: the deadline lets at least this many finish one
     pacing_max: int = 64  # most directions per round the variance pacer may ask for
     downweight: float = 0.0  # > 0: sampling down-weights clients that miss deadlines (their miss count's decay)
     sampling: str = "random"  # random | discriminative | unbiased (directions among `candidates`)
@@ -85,6 +86,9 @@ class FedConfig:
             raise UserError(f"--sampling must be one of {', '.join(sampling.MODES)}, got '{self.sampling}'")
         if not 1 <= self.max_directions <= MAX_DIRECTIONS:
             raise UserError(f"--max-directions must lie in [1, {MAX_DIRECTIONS}], got {self.max_directions}")
+        if not 0 <= self.min_clients <= self.clients_per_round:
+            raise UserError(f"--min-clients must lie in [0, --clients-per-round {self.clients_per_round}], "
+                            f"got {self.min_clients}")
         if not 0 <= self.target <= MAX_DIRECTIONS:
             raise UserError(f"--target must lie in [0, {MAX_DIRECTIONS}], got {self.target}")
         if not 1 <= self.pacing_max <= MAX_DIRECTIONS:
@@ -258,7 +262,8 @@ class Federation(Trainer):
             costs = [self.cost(i, r, sum(map(len, catch_ups[i]))) for i in selected]
             target = self.pacer.count if self.pacer else (f.target or f.clients_per_round * c.directions
                                                           if f.target or not f.deadline else 0)
-            counts, deadline = allocate("speed", costs, cap=f.max_directions, target=target, deadline=deadline)
+            counts, deadline = allocate("speed", costs, cap=f.max_directions, target=target, deadline=deadline,
+                                        min_clients=f.min_clients)
             if selected:
                 deadline += 1e-6  # one microsecond for rounding between the prediction and the clock's sum
                 log["deadline"] = round(deadline, 6)
