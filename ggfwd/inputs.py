@@ -59,10 +59,9 @@ class RunInputs:
             raise UserError("--targets names no weight pattern")
         if not 8 <= self.max_tokens <= 8192:
             raise UserError(f"--max-tokens must be between 8 and 8192, got {self.max_tokens}")
-        from .session import MEMORY_MODES
+        from .session import check_memory
 
-        if self.memory not in MEMORY_MODES:
-            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
+        check_memory(self.memory)
 
     @property
     def target_list(self) -> list[str]:

@@ -136,6 +136,11 @@ KV_TYPES = {"f16": None, "f32": 0}  # KV cache element type -> GGML type id (Non
 #   tokens. About 40% less memory at 7B (`scripts/bench_devices.py`); scores then depend on a decode's
 #   composition at the level of float rounding, still bitwise reproducible for the same batches.
 MEMORY_MODES = ("standard", "lean")
+
+
+def check_memory(mode) -> None:
+    if mode not in MEMORY_MODES:
+        raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{mode}'")
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_BATCH_SIZE = 16
 
@@ -167,8 +172,7 @@ class SessionSettings:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if self.kv_type not in KV_TYPES:
             raise UserError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got '{self.kv_type}'")
-        if self.memory not in MEMORY_MODES:
-            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
+        check_memory(self.memory)
 
     @property
     def batch_tokens(self) -> int:

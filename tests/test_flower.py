@@ -306,6 +306,8 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(tiny, tmp_path,
     (["join", "--server", "nohost", "--data", "x", "--profile", "pi5", "--insecure"], "HOST:PORT"),
     (["join", "--server", "127.0.0.1:1", "--data", "x", "--profile", "pi5"], "--ca"),
     (["join", "--server", "127.0.0.1:1", "--data", "missing.jsonl", "--profile", "nosuch", "--insecure"], "nosuch"),
+    (["join", "--server", "127.0.0.1:1", "--data", "x", "--profile", "pi5", "--insecure", "--memory", "huge"],
+     "--memory must be one of standard, lean"),
 ])
 def test_bad_serve_and_join_options_are_one_line_errors(tmp_path, args, fragment):
     r = run_cli(*args, "--out" if args[0] == "serve" else "--state", tmp_path / "x")

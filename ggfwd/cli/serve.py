@@ -332,6 +332,7 @@ def join_command(
 ):
     from ..federation.node import NodeSettings
     from ..profiles import load_profile
+    from ..session import check_memory
 
     host, port = _address(server)
     if insecure == (ca is not None):
@@ -343,6 +344,7 @@ def join_command(
     if not 0 < local_port < 65536:
         raise UserError(f"--local-port must lie in 1..65535, got {local_port}")
     load_profile(profile)
+    check_memory(memory or "standard")
     if model is None:
         from ..demo import demo_model
 

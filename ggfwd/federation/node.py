@@ -43,7 +43,9 @@ class NodeSettings:
 
     def check(self) -> None:
         from ..base import check_gguf_file
+        from ..session import check_memory
 
+        check_memory(self.memory)
         check_gguf_file(Path(self.model), "model")
         if not Path(self.data).is_file():
             raise UserError(f"training data file not found: {self.data}")
@@ -53,10 +55,6 @@ class NodeSettings:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if len(self.profile) > 64:
             raise UserError("--profile names a profile of at most 64 characters")
-        from ..session import MEMORY_MODES
-
-        if self.memory not in MEMORY_MODES:
-            raise UserError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got '{self.memory}'")
 
     def write(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
