@@ -285,22 +285,26 @@ def report(args) -> list[dict]:
 
 
 def _compare(results: list[dict], target: float) -> None:
-    def mean_time(run):
-        times = [r["reach"][target]["sim_seconds"] for r in results if r["run"] == run and r["reach"][target]]
-        seeds = [r for r in results if r["run"] == run]
-        return (sum(times) / len(times), len(times), len(seeds)) if times else (None, 0, len(seeds))
-
-    base = {run: mean_time(run) for run in RUNS}
+    """How many seeds each run reached `target` in, and each speed-aware run against each baseline seed by
+    seed (a mean over the seeds that reached it would compare different seeds)."""
+    reached = {(r["run"], r["seed"]): r["reach"][target] for r in results}
     print()
     for run in RUNS:
-        t, n, total = base[run]
-        if total:
-            print(f"{run}: reaches {target:.0%} in {n} of {total} seeds" +
-                  (f", mean {t:.1f} simulated s" if t is not None else ""))
-    for other in ("a", "a2", "b"):
-        if base["c"][0] is not None and base[other][0] is not None:
-            print(f"c reaches {target:.0%} {base[other][0] / base['c'][0]:.2f}x sooner than {other} "
-                  "(mean over the seeds that reached it)")
+        seeds = sorted(s for (r, s) in reached if r == run)
+        if seeds:
+            hits = [s for s in seeds if reached[(run, s)]]
+            print(f"{run}: reaches {target:.0%} in {len(hits)} of {len(seeds)} seeds" +
+                  "".join(f"; s{s} {reached[(run, s)]['sim_seconds']:.1f} s" for s in hits))
+    for run in ("c", "c0", "c3", "d", "e"):
+        for other in ("a", "a2", "b"):
+            for seed in sorted(s for (r, s) in reached if r == run and (other, s) in reached):
+                mine, theirs = reached[(run, seed)], reached[(other, seed)]
+                if mine and theirs:
+                    verdict = f"{theirs['sim_seconds'] / mine['sim_seconds']:.2f}x sooner"
+                else:
+                    verdict = {(True, False): f"reached, {other} did not", (False, True): f"not reached, {other} did",
+                               (False, False): "neither reached"}[(bool(mine), bool(theirs))]
+                print(f"  {run} vs {other}, seed {seed}, to {target:.0%}: {verdict}")
 
 
 def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
@@ -311,7 +315,7 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive",
-                                "tab:cyan")))
+                                "tab:cyan", "tab:brown", "tab:pink")))
     for res in results:
         xs = [e[0] for e in res["evals"]]
         ys = [100 * e[3] for e in res["evals"]]
