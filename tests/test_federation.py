@@ -396,3 +396,17 @@ def test_federate_cli_runs_resumes_and_plots(tiny, tmp_path):
     else:
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_node_keeps_its_replica_when_only_the_run_length_changes(tiny):
+    """A node keeps its replica under the run's key. Resuming with more --rounds is the one change a run allows
+    and leaves every replica valid, so it keeps the key; any other setting, the inputs or the model give a new
+    one (the node then asks for a snapshot)."""
+    from ggfwd.federation.node import parse_run
+    from ggfwd.federation.remote import run_settings
+
+    key = lambda cfg, inputs=tiny["inputs"]: parse_run(run_settings(cfg, inputs))["key"]  # noqa: E731
+    base = key(config())
+    assert key(config(steps=60)) == base
+    assert len({base, key(config(lr=0.5)), key(config(seed=1)),
+                key(config(), RunInputs(**{**tiny["inputs"].to_dict(), "rank": 2}))}) == 4

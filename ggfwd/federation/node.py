@@ -103,8 +103,12 @@ def parse_run(text) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise MessageError(f"run settings are malformed: {exc}") from None
     config.check()
-    return {"config": config, "inputs": inputs, "model": fingerprint,
-            "key": hashlib.sha256(text.encode()).hexdigest()[:32]}
+    # The key names the run a kept replica belongs to. It leaves out the step count, the one setting a resumed
+    # run may change: a replica of version v is the same whatever the run's length, so a node keeps it (and
+    # catches up from broadcasts) when the server resumes with more --rounds.
+    identity = {**run, "config": {k: v for k, v in run["config"].items() if k != "steps"}}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    return {"config": config, "inputs": inputs, "model": fingerprint, "key": key}
 
 
 class Node:
