@@ -257,7 +257,7 @@ def bench_command(
     batches: int = typer.Option(2, min=1, help="Calibration batches."),
     directions: int = typer.Option(4, min=1, help="Calibration directions per batch."),
     smoke: bool = flag("--smoke", help="Smallest run that exercises every part (1 repeat, 1 step, a "
-                                                      "3-candidate calibration on 1 batch): seconds on a tiny model."),
+                                       "3-candidate calibration on 1 batch): seconds on a tiny model."),
     kind: str = typer.Option("server", help="Device kind written to the profile: phone, laptop, desktop, sbc, server."),
     budget: float = typer.Option(0.5, help="Memory budget as a fraction of total memory (written as derived)."),
     availability: float = typer.Option(1.0, help="Chance this machine is online in a round (written as assumed)."),

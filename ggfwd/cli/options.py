@@ -9,6 +9,6 @@ def flag(*names: str, help: str):
 
 
 MEMORY_HELP = ("How llama.cpp holds the model: standard (weights mapped, a KV stream per sequence) or lean "
-               "(weights read, one shared KV stream: about 40% less at 7B; losses differ by about 0.1%) "
+               "(weights read, one shared KV stream: about half the memory at 7B; losses differ by about 0.1%) "
                "\\[default: standard].")
 MEMORY_OPTION = typer.Option(None, "--memory", help=MEMORY_HELP)
