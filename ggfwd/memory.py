@@ -131,20 +131,17 @@ def compute_bytes(stats, tokens: int, cells_per_seq: int, outputs: int) -> int:
     return 4 * max(attention, ffn, out)
 
 
-def predict_memory(stats, shape: TrainingShape, runtime_bytes: int | None = None, backend: str = "cpu",
-                   mapped: bool | None = None, unified_kv: bool | None = None) -> MemoryEstimate:
+def predict_memory(stats, shape: TrainingShape, runtime_bytes: int | None = None,
+                   backend: str = "cpu") -> MemoryEstimate:
     """Peak resident bytes of a training step of `stats` (a `ModelStats`) at `shape`; `runtime_bytes` is the
-    process before the model is loaded (default: `profiles.DEFAULT_RUNTIME_MIB`). `mapped=False` and
-    `unified_kv=True` predict a session that reads the weights instead of mapping them (llama.cpp's
-    `load_mode` NONE: repacked weights then replace their originals instead of doubling them) and shares one
-    KV stream between sequences, which is what a session with `memory = "lean"` does; by default both follow
-    `shape.memory`."""
+    process before the model is loaded (default: `profiles.DEFAULT_RUNTIME_MIB`). With `shape.memory` "lean"
+    the session reads the weights instead of mapping them (llama.cpp's `load_mode` NONE: repacked weights then
+    replace their originals instead of doubling them) and shares one KV stream between sequences."""
     from .profiles import DEFAULT_RUNTIME_MIB
 
     s = shape.settings()
-    mapped = s.memory != "lean" if mapped is None else mapped
-    unified_kv = s.memory == "lean" if unified_kv is None else unified_kv
-    cells = kv_cells(s.batch_size, s.max_tokens, unified_kv)
+    lean = s.memory == "lean"
+    cells = kv_cells(s.batch_size, s.max_tokens, unified=lean)
     repacked = stats.repackable_bytes if backend == "cpu" else 0
     kv_elem = 2 if shape.kv_type == "f16" else 4
     kv = cells * stats.n_layers * stats.n_head_kv * (stats.head_dim_k + stats.head_dim_v) * kv_elem
@@ -154,11 +151,11 @@ def predict_memory(stats, shape: TrainingShape, runtime_bytes: int | None = None
     adapter = 4 * (ADAPTER_COPIES * n_lora + OPTIMIZER_STATE[shape.optimizer] * trained)
     return MemoryEstimate(
         runtime=int(runtime_bytes if runtime_bytes is not None else DEFAULT_RUNTIME_MIB * MIB),
-        weights_mapped=stats.file_bytes if mapped else stats.file_bytes - repacked,
+        weights_mapped=stats.file_bytes - repacked if lean else stats.file_bytes,
         weights_repacked=repacked,
         kv_cache=kv,
         outputs=4 * s.max_outputs * stats.n_vocab,
-        compute=compute_bytes(stats, worst_tokens, cells if unified_kv else cells // s.batch_size, s.max_outputs),
+        compute=compute_bytes(stats, worst_tokens, cells if lean else cells // s.batch_size, s.max_outputs),
         vocabulary=FIXED_OVERHEAD + VOCAB_BYTES_PER_TOKEN * stats.n_vocab,
         adapter=adapter,
     )

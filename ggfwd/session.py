@@ -133,10 +133,10 @@ KV_TYPES = {"f16": None, "f32": 0}  # KV cache element type -> GGML type id (Non
 #   256 cells), so a sequence's scores do not depend on the other sequences of its decode;
 # - lean: the weights are read instead of mapped (on CPUs llama.cpp's repacked copies then replace the
 #   originals instead of sitting beside them) and the sequences share one KV stream sized for the decode's
-#   tokens. About half the memory at 7B (`scripts/bench_devices.py`: 5,022 against 9,428 MiB); scores then depend on a decode's
-#   composition and differ slightly from the standard session's (Gemma-3-270M's mean loss on 16 dev rows
-#   0.4967 against 0.4961; loss differences within the noise floor of about 0.01), still bitwise
-#   reproducible for the same batches.
+#   tokens. About half the memory at 7B (`scripts/bench_devices.py`: 5,014 against 9,412 MiB); scores then
+#   depend on a decode's composition and differ slightly from the standard session's (Gemma-3-270M's mean
+#   loss on 16 dev rows 0.4967 against 0.4961; loss differences within the noise floor of about 0.01), still
+#   bitwise reproducible for the same batches.
 MEMORY_MODES = ("standard", "lean")
 
 
