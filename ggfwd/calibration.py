@@ -102,7 +102,8 @@ class Calibration:
 
         t = Table(title=title or f"eps calibration: chosen {self.eps:.3g}, noise floor {self.noise_floor:.2e}, "
                                  f"curvature {self.curvature:.3g}, |g| ~ {self.grad_rms:.3g}")
-        for col in ("eps", "noise err", "curvature err", "predicted rel err", "observed rel err", "sign ok",
+        # Headers on two lines: the table then fits an 80-column terminal without cutting them.
+        for col in ("eps", "noise\nerr", "curvature\nerr", "predicted\nrel err", "observed\nrel err", "sign\nok",
                     "unchanged"):
             t.add_column(col, justify="right")
         for r in self.rows:

@@ -111,37 +111,42 @@ class Estimator:
                  directions: int | None = None, indices=None) -> StepEstimate:
         """Evaluate the directions (client, step, 0..K-1) around `theta` (full flat vector) on `plan`; K is
         `directions`, by default the estimator's own count. `indices`: score the directions (client, step, j)
-        for these j instead (candidate sampling, see ggfwd.sampling)."""
+        for these j instead (candidate sampling, see ggfwd.sampling). `plan` may be a list of K plans, one batch
+        per direction (a direction's + and - passes still share theirs); the schemes that share one pass or one
+        mean across directions (forward, centred) need a single plan."""
         p = self.perturbations
         idx, eps = p.index, self.eps
         n_dir = self.directions if directions is None else int(directions)
         if indices is not None:
             n_dir = len(indices)
         check_settings(eps, n_dir, self.scheme, self.normalize)
+        plans = plan if isinstance(plan, list) else [plan] * n_dir
+        if len(plans) != n_dir or (isinstance(plan, list) and self.scheme in ("forward", "centred")):
+            raise ValueError(f"{len(plans)} plans for {n_dir} directions under the {self.scheme} scheme")
         plus = np.zeros(n_dir)
         two_sided = self.scheme in ("central", "central4")
         minus = np.zeros(n_dir) if two_sided else None
         wide = np.zeros((2, n_dir)) if self.scheme == "central4" else None
         loss_zero, accs, passes, tokens = None, [], 0, 0
         if self.scheme == "forward":
-            s = self._score(theta, idx, None, plan)
+            s = self._score(theta, idx, None, plans[0])
             loss_zero, passes, tokens = s.loss, 1, s.n_tokens
             accs.append(s.accuracy)
         for k in range(n_dir):
             z = p.masked(step, client, k if indices is None else int(indices[k]), out=self._z)
-            s = self._score(theta, idx, eps * z, plan)
+            s = self._score(theta, idx, eps * z, plans[k])
             plus[k] = s.loss
             passes, tokens = passes + 1, tokens + s.n_tokens
             if self.scheme != "forward":
                 accs.append(s.accuracy)
             if two_sided:
-                s = self._score(theta, idx, -eps * z, plan)
+                s = self._score(theta, idx, -eps * z, plans[k])
                 minus[k] = s.loss
                 passes, tokens = passes + 1, tokens + s.n_tokens
                 accs.append(s.accuracy)
             if wide is not None:
                 for side, sign in enumerate((2.0, -2.0)):
-                    s = self._score(theta, idx, (sign * eps) * z, plan)
+                    s = self._score(theta, idx, (sign * eps) * z, plans[k])
                     wide[side, k] = s.loss
                     passes, tokens = passes + 1, tokens + s.n_tokens
         self.session.set_params(theta)  # leave the session at theta
@@ -198,6 +203,10 @@ class Aggregate:
     directions: int  # scalars used
     clipped: int  # scalars clipped to the threshold
     threshold: float  # |s| above this was clipped (inf: no clipping)
+    effective: float = 0.0  # directions an equal-weight average with the same variance would hold (see aggregate)
+
+
+WEIGHTINGS = ("equal", "examples", "directions")
 
 
 def clip_threshold(reports, clip: float) -> float:
@@ -210,32 +219,73 @@ def clip_threshold(reports, clip: float) -> float:
 
 
 def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.0,
-              out: np.ndarray | None = None) -> Aggregate:
+              out: np.ndarray | None = None, weights=None) -> Aggregate:
     """The round's estimate from (client, scalars) pairs, or (client, scalars, indices) triples whose scalar k
-    belongs to direction (step, client, indices[k]) (candidate sampling): every direction weighs the same,
-    `g = sum_{c,k} s_ck z_ck / N` over the N scalars of all usable reports. With `clip` > 0 each scalar is
-    first limited to +-`clip_threshold` (an outlier or hostile client's scalars cannot exceed what honest
-    clients send). Reports with non-finite or no scalars are left out. One client's report gives its mean
-    `mean_k s_k z_k`: single-device training is the one-client case of this function.
+    belongs to direction (step, client, indices[k]) (candidate sampling). Client-balanced: each report is first
+    averaged over its own directions, then the clients' means are combined with weights w_c (`weights`, one per
+    report in order, relative; None: equal):
+
+        g = sum_c (w_c / W) (1 / K_c) sum_k s_ck z_ck,        W = sum_c w_c
+
+    so a client's weight is its share (of the clients, or of the training examples: see `client_weights`), not
+    its speed: a client that scored more directions lowers the noise of its own term, not its say (FedNova's
+    normalisation). With `clip` > 0 each scalar is first limited to +-`clip_threshold` (an outlier or hostile
+    client's scalars cannot exceed what honest clients send). Reports with non-finite or no scalars are left
+    out (their weights with them). One client's report gives its mean `mean_k s_k z_k` whatever its weight:
+    single-device training is the one-client case of this function.
+
+    `effective` is 1 / sum_c (w_c / W)^2 / K_c: the number of directions an equal-weight average with the same
+    estimator variance would hold (M K for M clients of K directions at equal weights; fewer when weights are
+    unequal). The step-size rule (`update.UpdateRule.lr_scale`) scales with it.
 
     The result is a pure function of the inputs, so the server and every client replaying the round get the
     same bits."""
-    usable = [(int(r[0]), np.asarray(r[1], dtype=np.float32), r[2] if len(r) > 2 else None) for r in reports]
-    usable = [(c, s, i) for c, s, i in usable if s.size and np.all(np.isfinite(s))]
+    if weights is not None and len(weights) != len(reports):
+        raise ValueError("one weight per report")
+    rows = [(int(r[0]), np.asarray(r[1], dtype=np.float32), r[2] if len(r) > 2 else None,
+             1.0 if weights is None else float(weights[j])) for j, r in enumerate(reports)]
+    usable = [(c, s, i, w) for c, s, i, w in rows if s.size and np.all(np.isfinite(s)) and w > 0 and np.isfinite(w)]
     if not usable:
         return Aggregate(None, 0, 0, 0, float("inf"))
-    threshold = clip_threshold([(c, s) for c, s, _ in usable], clip)
-    n = sum(s.size for _, s, _ in usable)
+    threshold = clip_threshold([(c, s) for c, s, _, _ in usable], clip)
+    n = sum(s.size for _, s, _, _ in usable)
+    total_weight = sum(w for _, _, _, w in usable)
     total = np.zeros(perturbations.n, dtype=np.float32) if out is None else out
     total[...] = 0
     z = np.empty(perturbations.n, dtype=np.float32)
-    clipped = 0
-    for client, scalars, indices in usable:
+    clipped, spread = 0, 0.0
+    for client, scalars, indices, w in usable:
+        share = w / total_weight  # exactly 1.0 for a single report
+        spread += share * share / scalars.size
         values = scalars.astype(np.float64)
         if np.isfinite(threshold):
             clipped += int(np.count_nonzero(np.abs(values) > threshold))
             values = np.clip(values, -threshold, threshold)
         for k, s in enumerate(values):
             perturbations.masked(step, client, k if indices is None else int(indices[k]), out=z)
-            total += np.float32(s / n) * z
-    return Aggregate(total, len(usable), n, clipped, threshold)
+            total += np.float32(s * share / scalars.size) * z
+    return Aggregate(total, len(usable), n, clipped, threshold, 1.0 / spread)
+
+
+def client_weights(weighting: str, reports, examples=None, directions=None, cap: float = 4.0) -> list[float] | None:
+    """Relative weights of a round's reports (in their order) under `weighting`:
+
+    - `equal`: every client counts the same (None: `aggregate`'s default);
+    - `examples`: by the client's training-set size (`examples[client]`), so that with clients sampled
+      uniformly the expected update is the pooled data's gradient under label or quantity skew. A client's
+      claim is capped at `cap` x the median claim of the round, so that a node claiming a huge data set cannot
+      take the update over;
+    - `directions`: by the directions the client scored (every direction weighs the same: ggfwd's rule before
+      client balancing; a fast client's weight then grows with its speed).
+    """
+    if weighting == "equal":
+        return None
+    if weighting == "directions":
+        return [float(len(r[1])) for r in reports]
+    if weighting != "examples":
+        raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{weighting}'")
+    sizes = [float(max(1, examples[int(r[0])])) for r in reports]
+    if not sizes:
+        return []
+    limit = cap * float(np.median(sizes))
+    return [min(s, limit) for s in sizes]

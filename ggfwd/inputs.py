@@ -2,7 +2,8 @@
 
 `RunInputs` is saved in the run folder, so a resumed run reads exactly what the first one read, and a
 resume that names different inputs is refused. `load` turns the record into a scoring session's tokenized
-data and the initial adapter, the same way for `ggfwd train`, the tests and the federation.
+data and the initial adapter, and `session_settings` into the scoring settings of its sessions, the same way for
+`ggfwd train`, `ggfwd federate`, the tests, the Flower server and the nodes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .adapter import LoraAdapter
+from .base import check_gguf_file
 from .errors import UserError
+from .session import SessionSettings, check_memory
+from .tasks import load_examples, load_task, tokenize_examples
 
 # Settings a run reads from its inputs; compared on --resume.
 RESUME_CHECKED = ("model", "adapter", "data", "eval_data", "task", "train_limit", "min_words", "eval_limit",
@@ -35,9 +40,6 @@ class RunInputs:
 
     def check(self) -> None:
         """Everything that can be checked without loading the model, before anything is written."""
-        from .base import check_gguf_file
-        from .tasks import load_task
-
         check_gguf_file(Path(self.model), "model")
         if self.adapter is not None:
             check_gguf_file(Path(self.adapter), "adapter")
@@ -59,8 +61,6 @@ class RunInputs:
             raise UserError("--targets names no weight pattern")
         if not 8 <= self.max_tokens <= 8192:
             raise UserError(f"--max-tokens must be between 8 and 8192, got {self.max_tokens}")
-        from .session import check_memory
-
         check_memory(self.memory)
 
     @property
@@ -75,11 +75,16 @@ class RunInputs:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def session_settings(self, threads: int | None = None) -> SessionSettings:
+        """How every session of this run scores: the standard decode layout whatever the training batch size, so
+        that `ggfwd eval` with its defaults scores a saved adapter exactly as the run's own evaluation did, and
+        `ggfwd train`, `ggfwd federate`, the Flower server and every node open the same session for the same
+        inputs. `threads` is the one setting that belongs to the machine, not to the run."""
+        return SessionSettings(max_tokens=self.max_tokens, threads=threads, kind=load_task(self.task).kind,
+                               memory=self.memory)
+
     def load(self, session, seed: int = 0):
         """(training data, evaluation data or None, initial adapter), tokenized by `session`."""
-        from .adapter import LoraAdapter
-        from .tasks import load_examples, load_task, tokenize_examples
-
         task = load_task(self.task)
         tok = lambda examples: tokenize_examples(examples, task, session.tokenize, session.detokenize,
                                                  self.max_tokens)

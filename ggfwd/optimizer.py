@@ -72,15 +72,20 @@ class Optimizer:
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.lr, self.schedule, self.warmup, self.total_steps, self.final_fraction)
 
-    def step(self, params: np.ndarray, grad: np.ndarray, step: int) -> np.ndarray:
-        """The new masked parameters for update `step` (a new array; `params` and the state are untouched
-        until `commit`), so a non-finite result can be rejected without side effects."""
-        lr = np.float32(self.lr_at(step))
+    def step(self, params: np.ndarray, grad: np.ndarray, step: int, scale: float = 1.0) -> np.ndarray:
+        """The new masked parameters for update `step` at `scale` x the scheduled learning rate (a new array;
+        `params` and the state are untouched until `commit`), so a non-finite result can be rejected without
+        side effects."""
+        lr = np.float32(self.lr_at(step) * scale)
         d = self._d
         if self.kind == "sgd":
             g = grad if self.weight_decay == 0 else grad + np.float32(self.weight_decay) * params
-            m = np.float32(self.momentum) * self.m + g if self.momentum else g.astype(np.float32, copy=True)
-            self._pending = (m, None)
+            if self.momentum:
+                m = np.float32(self.momentum) * self.m + g
+                self._pending = (m, None)
+            else:  # plain SGD keeps no state (m stays zero), so a snapshot need not carry one
+                m = g
+                self._pending = (self.m, None)
             np.multiply(m, lr, out=d)
             return params - d
         b1, b2 = np.float32(self.beta1), np.float32(self.beta2)

@@ -28,7 +28,10 @@ from .federation.messages import Instruction
 from .inputs import RunInputs
 from .perturbation import Perturbations
 from .rundir import RunDir, read_metrics, read_state  # noqa: F401  (re-exported for the CLI and scripts)
-from .update import Replica, UpdateRule, advance
+from .update import Replica, UpdateRule, advance, check_lr_scaling
+
+
+SPREADS = ("directions", "batches")
 
 
 @dataclass
@@ -56,6 +59,9 @@ class TrainConfig:
     eval_every: int = 50
     max_rejections: int = 10  # consecutive divergent steps before the run stops
     clip: float = 0.0  # > 0: scalars are limited to clip x the median client's median |s| (see estimator.aggregate)
+    lr_scaling: str = "auto"  # step size x f(directions averaged): auto | linear | sqrt | none (update.UpdateRule)
+    lr_scale_max: float = 0.0  # > 0: cap on that factor
+    spread: str = "directions"  # a step's directions on one batch, or "batches": each on its own batch
     checkpoint_every: int = 1  # commit a checkpoint every N steps (and at the end)
 
     def check(self) -> None:
@@ -82,20 +88,26 @@ class TrainConfig:
             raise UserError(f"max rejections must be >= 1, got {self.max_rejections}")
         if not 0 <= self.average_decay < 1:
             raise UserError(f"averaging decay must lie in [0, 1), got {self.average_decay}")
+        check_lr_scaling(self.lr_scaling, self.lr_scale_max)
+        if self.spread not in SPREADS:
+            raise UserError(f"--spread must be one of {', '.join(SPREADS)}, got '{self.spread}'")
+        if self.spread == "batches" and self.scheme not in ("central", "central4"):
+            raise UserError("--spread batches needs --scheme central or central4 (the others share a pass or a mean "
+                            "across directions, so one batch)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
+        # A run saved before the step-size rule existed stepped at the base rate: it resumes that way.
+        return cls(**{"lr_scaling": "none", **{k: v for k, v in d.items() if k in names}})
 
     def update_rule(self) -> UpdateRule:
         return UpdateRule(self.optimizer, self.lr, self.schedule, self.warmup, self.steps, self.momentum,
-                          self.weight_decay)
+                          self.weight_decay, self.lr_scaling, self.lr_scale_max)
 
     def instruction(self, step: int, client: int = 0, directions: int | None = None) -> Instruction:
         return Instruction(step, step, client, directions or self.directions, self.batch_size, self.eps,
-                           float("inf"))
+                           float("inf"), spread=int(self.spread == "batches"))
 
 
 @dataclass
@@ -163,7 +175,7 @@ class Trainer:
         reports = [(self.client.id, report.scalars)] if est.finite else []
         agg, reason = advance(self.replica, self.perturbations, step, reports, c.clip)
         record = {"step": step + 1, "loss": est.loss, "batch_accuracy": est.accuracy,
-                  "lr": self.replica.optimizer.lr_at(step), "eps": c.eps,
+                  "lr": self.replica.optimizer.lr_at(step) * self.replica.rule.lr_scale(agg.effective), "eps": c.eps,
                   "scalars": [float(x) for x in report.scalars]}
         if agg.clipped:
             record["clipped"] = agg.clipped

@@ -11,6 +11,7 @@ the caller records why.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,33 @@ from .errors import UserError
 from .optimizer import Optimizer
 
 
+LR_SCALINGS = ("auto", "linear", "sqrt", "none")
+
+
+def check_lr_scaling(scaling: str, cap: float = 0.0) -> None:
+    if scaling not in LR_SCALINGS:
+        raise UserError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got '{scaling}'")
+    if not (cap >= 0 and math.isfinite(cap)):
+        raise UserError(f"--lr-scale-max must be 0 (no cap) or a positive number, got {cap}")
+
+
 @dataclass(frozen=True)
 class UpdateRule:
-    """The optimizer settings of a run: what every replica needs to apply an update."""
+    """The optimizer settings of a run: what every replica needs to apply an update.
+
+    The step-size rule: an update that averages N directions (`Aggregate.effective`: N = M K for M clients of
+    K directions at equal weights) has about 1/N the variance of a one-direction estimate. Its step is the base
+    learning rate (`lr`, with its schedule and warm-up) times `lr_scale(N)`:
+
+    - `linear` (N): with SGD a round of N directions then moves as far in expectation as N one-direction
+      steps, with the same accumulated noise (the zeroth-order noise term grows with lr^2 / N): one round
+      of N clients does the work of N single-device steps, while noise dominates the estimate;
+    - `sqrt` (sqrt N): the scaling that keeps Adam's update statistics (its normaliser already shrinks with the
+      estimate's noise);
+    - `auto`: linear for sgd, sqrt for adam; `none`: the base rate whatever N.
+
+    `lr_scale_max` > 0 caps the factor. One direction on one client gives factor 1 in every mode.
+    """
 
     optimizer: str = "sgd"
     lr: float = 2e-2
@@ -30,10 +55,22 @@ class UpdateRule:
     total_steps: int = 1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    lr_scaling: str = "none"
+    lr_scale_max: float = 0.0
 
     def make_optimizer(self, n: int) -> Optimizer:
         return Optimizer(n, self.optimizer, self.lr, self.schedule, self.warmup, self.total_steps,
                          momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def lr_scale(self, effective: float) -> float:
+        """The factor on the learning rate for an update that averages `effective` directions."""
+        mode = self.lr_scaling
+        if mode == "auto":
+            mode = "sqrt" if self.optimizer == "adam" else "linear"
+        if mode == "none" or not effective > 1:
+            return 1.0
+        factor = float(effective) if mode == "linear" else math.sqrt(effective)
+        return min(factor, self.lr_scale_max) if self.lr_scale_max > 0 else factor
 
 
 class Replica:
@@ -55,15 +92,16 @@ class Replica:
         if self.last_update is None:
             self.last_update = np.zeros(self.index.size, dtype=np.float32)
 
-    def apply(self, aggregate: np.ndarray | None, step: int) -> str | None:
-        """Apply update `step` (must equal `version`) from the aggregate estimate over the trained coordinates.
-        None (no usable reports) or a non-finite result leaves the values unchanged; returns the reason then."""
+    def apply(self, aggregate: np.ndarray | None, step: int, scale: float = 1.0) -> str | None:
+        """Apply update `step` (must equal `version`) from the aggregate estimate over the trained coordinates,
+        at `scale` x the rule's learning rate. None (no usable reports) or a non-finite result leaves the values
+        unchanged; returns the reason then."""
         if step != self.version:
             raise ValueError(f"replica is at version {self.version}, cannot apply update {step}")
         self.version += 1
         if aggregate is None:
             return "no reports"
-        new = self.optimizer.step(self.theta[self.index], aggregate, step)
+        new = self.optimizer.step(self.theta[self.index], aggregate, step, scale)
         if not np.all(np.isfinite(new)):
             return "non-finite update"
         self.optimizer.commit()
@@ -107,11 +145,12 @@ class Replica:
         return other
 
 
-def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0.0):
-    """The round step every party runs: aggregate the round's (client, scalars) reports from their seeds
-    (`estimator.aggregate`) and apply the update to `replica`. Returns (Aggregate, rejection reason or None).
-    The server runs it on the reports it accepted; each client runs it on the broadcast of the same reports."""
+def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0.0, weights=None):
+    """The round step every party runs: aggregate the round's (client, scalars) reports from their seeds with
+    the clients' relative `weights` (`estimator.aggregate`; None: equal) and apply the update to `replica` at the
+    rule's step size for the directions averaged. Returns (Aggregate, rejection reason or None). The server
+    runs it on the reports it accepted; each client runs it on the broadcast of the same reports."""
     from .estimator import aggregate
 
-    agg = aggregate(perturbations, step, reports, clip)
-    return agg, replica.apply(agg.gradient, step)
+    agg = aggregate(perturbations, step, reports, clip, weights=weights)
+    return agg, replica.apply(agg.gradient, step, replica.rule.lr_scale(agg.effective))

@@ -3,7 +3,9 @@
 
 --mode passes (default): federated against single-device training at the same number of forward passes.
 --mode time: time-to-accuracy across heterogeneous devices (allocation, pacing and sampling policies); see
-`time_main` below.
+bench_federation_time.py.
+--mode scaling: time to accuracy against the number of homogeneous clients per round, with the step size scaled
+to the directions an update averages; see bench_federation_scaling.py.
 
 Mode passes runs, in one process on one loaded model, the same seed and training recipe:
 
@@ -23,6 +25,7 @@ directions on K batches per update, which should beat K directions on one batch 
     python scripts/bench_federation.py --smoke                           # seconds: tiny random model
     python scripts/bench_federation.py --mode time --threads 1           # see bench_federation_time.py
     python scripts/bench_federation.py --mode time --smoke
+    python scripts/bench_federation.py --mode scaling --smoke            # see bench_federation_scaling.py
 """
 
 from __future__ import annotations
@@ -113,15 +116,21 @@ def report(results: dict, args) -> None:
 
 
 def main() -> None:
-    if "--mode" in sys.argv and sys.argv[sys.argv.index("--mode") + 1:][:1] == ["time"]:
-        from bench_federation_time import time_main
-
+    mode = sys.argv[sys.argv.index("--mode") + 1:][:1] if "--mode" in sys.argv else []
+    if mode in (["time"], ["scaling"]):
         argv = sys.argv[1:]
         i = argv.index("--mode")
-        return time_main(argv[:i] + argv[i + 2:])
+        if mode == ["time"]:
+            from bench_federation_time import time_main
+
+            return time_main(argv[:i] + argv[i + 2:])
+        from bench_federation_scaling import scaling_main
+
+        return scaling_main(argv[:i] + argv[i + 2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("passes", "time"), default="passes",
-                   help="passes: federated vs single-device at equal passes; time: time-to-accuracy policies")
+    p.add_argument("--mode", choices=("passes", "time", "scaling"), default="passes",
+                   help="passes: federated vs single-device at equal passes; time: time-to-accuracy policies; "
+                        "scaling: time to accuracy against the number of clients per round")
     p.add_argument("--model", type=Path)
     p.add_argument("--task", default="sst2")
     p.add_argument("--data", type=Path)

@@ -153,7 +153,7 @@ def test_candidate_sampling_replays_bitwise_and_resumes(tiny, tmp_path):
                          devices, clients_per_round=3, sampling=mode, candidates=12, max_lag=6)
         fed.run()
         server = fed.server
-        history = [decode(server._history[r]) for r in sorted(server._history)]
+        history = [decode(m) for m in server.history.since(0)]
         used = np.concatenate([b.indices for b in history if b.indices is not None])
         assert used.max() < 12 and np.any(used >= 3)  # not just the plain directions 0..2
         for client in fed.clients:  # every replica rebuilds the same directions from the broadcast indices
@@ -235,7 +235,7 @@ def test_forged_candidate_indices_are_refused(tiny, tmp_path):
     accepted = [server.accept(report(c, [c, 7])) for c in range(3)]
     _, agg, reason = server.close_round(0, accepted)
     assert reason is None and agg.directions == 6
-    b = decode(server._history[0])
+    b = decode(server.history.since(0)[0])
     assert b.indices.tolist() == [0, 7, 1, 7, 2, 7]
     # a client not asked for candidates may not send indices
     plain = federation(tiny, tmp_path / "plain", config(steps=1), ["fast"], clients_per_round=1)

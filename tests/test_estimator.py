@@ -5,7 +5,7 @@ import pytest
 
 from ggfwd.adapter import LoraAdapter
 from ggfwd.errors import UserError
-from ggfwd.estimator import Estimator, aggregate, passes_per_step, rebuild
+from ggfwd.estimator import Estimator, aggregate, client_weights, passes_per_step, rebuild
 from ggfwd.optimizer import Optimizer, lr_at
 from ggfwd.perturbation import Perturbations
 from ggfwd.session import Session
@@ -138,16 +138,28 @@ def test_centred_scheme_needs_no_base_evaluation_and_cancels_the_common_offset(t
     assert np.allclose(e.scalars, k / (k - 1) * (fwd.scalars - fwd.scalars.mean()))
 
 
-def test_aggregate_weighs_every_direction_alike_clips_and_skips_broken_reports(tiny):
+def test_aggregate_balances_clients_clips_and_skips_broken_reports(tiny):
     _, _, adapter = tiny
     p = Perturbations(adapter, seed=2)
     reports = [(0, np.array([0.5, -1.0], np.float32)), (3, np.array([2.0], np.float32))]
-    agg = aggregate(p, 7, reports)
-    want = (0.5 * p.masked(7, 0, 0) - 1.0 * p.masked(7, 0, 1) + 2.0 * p.masked(7, 3, 0)) / 3
-    assert np.allclose(agg.gradient, want, rtol=1e-5, atol=1e-7)
+    mean0 = (0.5 * p.masked(7, 0, 0) - 1.0 * p.masked(7, 0, 1)) / 2
+    agg = aggregate(p, 7, reports)  # each client's mean first, then the clients alike
+    assert np.allclose(agg.gradient, (mean0 + 2.0 * p.masked(7, 3, 0)) / 2, rtol=1e-5, atol=1e-7)
     assert (agg.clients, agg.directions, agg.clipped) == (2, 3, 0)
-    # one client's report is that client's mean, bitwise what rebuild gives
-    assert np.array_equal(aggregate(p, 7, reports[:1]).gradient, rebuild(p, 7, 0, reports[0][1]))
+    assert agg.effective == pytest.approx(1 / (0.25 / 2 + 0.25 / 1))  # fewer than 3: the lone direction weighs 1/2
+    # weighting by directions is the rule before client balancing: every direction alike
+    by_direction = aggregate(p, 7, reports, weights=client_weights("directions", reports))
+    assert np.allclose(by_direction.gradient, (2 * mean0 + 2.0 * p.masked(7, 3, 0)) / 3, rtol=1e-5, atol=1e-7)
+    assert by_direction.effective == pytest.approx(3)
+    # by training examples: client 0 holds 3x client 3's; a claim above 4x the round's median is capped
+    by_examples = aggregate(p, 7, reports, weights=client_weights("examples", reports, {0: 30, 3: 10}))
+    assert np.allclose(by_examples.gradient, 0.75 * mean0 + 0.25 * 2.0 * p.masked(7, 3, 0), rtol=1e-5, atol=1e-6)
+    three = reports + [(5, np.array([1.0], np.float32))]
+    assert client_weights("examples", three, {0: 10, 3: 10, 5: 10**9}) == [10, 10, 40]
+    assert client_weights("equal", three) is None
+    # one client's report is that client's mean, bitwise what rebuild gives, whatever its weight
+    for w in (None, [1.0], [7.0]):
+        assert np.array_equal(aggregate(p, 7, reports[:1], weights=w).gradient, rebuild(p, 7, 0, reports[0][1]))
     # non-finite or empty reports are left out; none usable gives no gradient
     broken = reports + [(5, np.array([np.nan], np.float32)), (6, np.zeros(0, np.float32))]
     assert np.array_equal(aggregate(p, 7, broken).gradient, agg.gradient)
@@ -156,9 +168,20 @@ def test_aggregate_weighs_every_direction_alike_clips_and_skips_broken_reports(t
     hostile = reports + [(4, np.array([1e6], np.float32))]
     clipped = aggregate(p, 7, hostile, clip=2.0)
     assert clipped.threshold == 4.0 and clipped.clipped == 1  # client medians 0.75, 2, 1e6: median 2, x clip 2
-    want = (0.5 * p.masked(7, 0, 0) - p.masked(7, 0, 1) + 2.0 * p.masked(7, 3, 0) + 4.0 * p.masked(7, 4, 0)) / 4
+    want = (mean0 + 2.0 * p.masked(7, 3, 0) + 4.0 * p.masked(7, 4, 0)) / 3
     assert np.allclose(clipped.gradient, want, rtol=1e-5, atol=1e-7)
 
+
+def test_step_size_rule_scales_with_the_directions_averaged():
+    from ggfwd.update import UpdateRule
+
+    assert UpdateRule(lr_scaling="linear").lr_scale(8) == 8
+    assert UpdateRule(lr_scaling="sqrt").lr_scale(16) == 4
+    assert UpdateRule(lr_scaling="none").lr_scale(16) == 1
+    assert UpdateRule(optimizer="sgd", lr_scaling="auto").lr_scale(4) == 4
+    assert UpdateRule(optimizer="adam", lr_scaling="auto").lr_scale(4) == 2
+    assert UpdateRule(lr_scaling="linear", lr_scale_max=6).lr_scale(16) == 6
+    assert all(UpdateRule(lr_scaling=m).lr_scale(1) == 1 for m in ("auto", "linear", "sqrt", "none"))
 
 
 def test_non_finite_losses_are_flagged(tiny):

@@ -79,13 +79,16 @@ def federation(tiny, rundir, cfg, devices, **fed):
 
 
 # ----------------------------------------------------------------------------- the shared step
-def test_one_client_federation_is_ggfwd_train_bitwise(tiny, tmp_path):
+@pytest.mark.parametrize("weighting", ["equal", "examples", "directions"])
+def test_one_client_federation_is_ggfwd_train_bitwise(tiny, tmp_path, weighting):
+    """Under every client weighting, and with the step-size rule scaling the rate for the 2 directions."""
     cfg = config(clip=5.0, directions=2)
     train, evaluation, adapter = tiny["inputs"].load(tiny["session"], cfg.seed)
     (tmp_path / "train").mkdir()
     single = Trainer(tiny["session"], adapter, train, cfg, tmp_path / "train", evaluation, tiny["inputs"])
     single.run()
-    fed = federation(tiny, tmp_path / "fed", cfg, ["fast"], clients_per_round=1)
+    assert [r["lr"] for r in single.run_dir.read_metrics() if r["step"] > 0] == [2 * cfg.lr] * 6  # linear: 2 x
+    fed = federation(tiny, tmp_path / "fed", cfg, ["fast"], clients_per_round=1, weighting=weighting)
     fed.run()
     assert fed.counters.step == single.counters.step == 6 and fed.counters.applied == 6
     assert np.array_equal(fed.theta, single.theta) and not np.array_equal(single.theta, adapter.params)
@@ -114,12 +117,22 @@ def test_clients_replay_the_server_bitwise_also_after_missing_rounds(tiny, tmp_p
     # a client that missed at least 5 rounds caught up from broadcasts alone
     gaps = [8 - 1 - max(i for i, s in enumerate(seen) if c.id in s) for c in fed.clients if any(c.id in s for s in seen)]
     assert max(gaps) >= 1
-    # a fresh client far behind gets a snapshot; one within max_lag gets the broadcasts
-    fresh = Client(99, fed.clients[0].data, fed.clients[0].estimator, cfg.seed, cfg.update_rule())
-    snap = [decode(m) for m in server.catch_up(None)]
-    assert len(snap) == 1 and isinstance(snap[0], Snapshot)
-    fresh.sync(snap)
-    assert np.array_equal(fresh.replica.theta, server.replica.theta)
+    # a joiner replays the whole history from its own start adapter (fewer bytes than a snapshot), bitwise equal
+    # to one that got the snapshot of trained values and optimizer state
+    joiners = [Client(99 + j, fed.clients[0].data, fed.clients[0].estimator, cfg.seed, cfg.update_rule(),
+                      start=fed.adapter.params) for j in range(2)]
+    history = server.catch_up(None)
+    assert [type(decode(m)) for m in history] == [Broadcast] * 8
+    assert sum(map(len, history)) < len(server.snapshot())
+    assert joiners[0].sync([decode(m) for m in history]) == 8
+    assert joiners[1].sync([decode(server.snapshot())]) == 0
+    for joiner in joiners:
+        assert np.array_equal(joiner.replica.theta, server.replica.theta)
+        assert all(np.array_equal(joiner.replica.optimizer.state_dict()[k], v)
+                   for k, v in server.replica.optimizer.state_dict().items())
+    # beyond max_lag rounds, a joiner gets the snapshot; a client within it gets the broadcasts
+    server.max_lag = 5
+    assert [type(decode(m)) for m in server.catch_up(None)] == [Snapshot]
     assert len(server.catch_up(8 - 5)) == 5
 
 
@@ -145,6 +158,96 @@ def test_a_client_that_missed_five_rounds_replays_them(tiny, tmp_path):
     assert [type(m) for m in down] == [Broadcast] * 6
     assert lagging.sync(down) == 6
     assert np.array_equal(lagging.replica.theta, fed.server.replica.theta)
+
+
+def test_round_steps_scale_with_the_clients_and_weights_travel_in_the_broadcast(tiny, tmp_path):
+    """4 clients of 1 direction at equal weights step at 4 x the base rate; weighted by examples (a count
+    partition of unequal sizes) the broadcast carries the weights, every replica aggregates alike, and the
+    step scales with the effective number of directions (fewer than 4)."""
+    cfg = config(steps=3, eval_every=0)
+    equal = federation(tiny, tmp_path / "equal", cfg, ["fast"] * 4, clients_per_round=4)
+    equal.run()
+    rounds = [r for r in equal.run_dir.read_metrics() if r["step"] > 0]
+    assert [r["lr"] for r in rounds] == [4 * cfg.lr] * 3 and all(r["effective_directions"] == 4 for r in rounds)
+    assert all(decode(m).weights is None for m in equal.server.history.since(0))
+    skewed = federation(tiny, tmp_path / "examples", cfg, ["fast"] * 4, clients_per_round=4,
+                        partition="count:40,20,20,16", weighting="examples")
+    skewed.run()
+    broadcasts = [decode(m) for m in skewed.server.history.since(0)]
+    assert all(b.weights.tolist() == [40, 20, 20, 16] for b in broadcasts)
+    share = np.array([40, 20, 20, 16]) / 96
+    rounds = [r for r in skewed.run_dir.read_metrics() if r["step"] > 0]
+    assert all(r["effective_directions"] == pytest.approx(1 / np.sum(share ** 2), abs=1e-4) for r in rounds)
+    assert rounds[0]["lr"] == pytest.approx(cfg.lr / np.sum(share ** 2))
+    joiner = Client(9, skewed.clients[0].data, skewed.estimator, cfg.seed, cfg.update_rule(), start=skewed.adapter.params)
+    joiner.sync(broadcasts)
+    assert np.array_equal(joiner.replica.theta, skewed.server.replica.theta)
+
+
+def test_a_batch_per_direction(tiny, tmp_path):
+    """--spread batches: a client's K directions are scored on K batches of its own data (the ones it would
+    draw over K one-direction rounds' worth of its epoch), and single-device training is still the one-client
+    federation bitwise; K = 1 is the plain run bitwise."""
+    cfg = config(steps=3, eval_every=0, directions=3, spread="batches")
+    train, evaluation, adapter = tiny["inputs"].load(tiny["session"], cfg.seed)
+    (tmp_path / "train").mkdir()
+    single = Trainer(tiny["session"], adapter, train, cfg, tmp_path / "train", evaluation, tiny["inputs"])
+    single.run()
+    fed = federation(tiny, tmp_path / "fed", cfg, ["fast"], clients_per_round=1)
+    fed.run()
+    assert np.array_equal(fed.theta, single.theta)
+    runs = {}
+    for name, kw in (("plain", dict(directions=3)), ("one", dict(spread="batches")), ("one-plain", {})):
+        (tmp_path / name).mkdir()
+        runs[name] = Trainer(tiny["session"], adapter, train, config(steps=3, eval_every=0, **kw), tmp_path / name,
+                             evaluation, tiny["inputs"])
+        runs[name].run()
+    assert not np.array_equal(runs["plain"].theta, single.theta)
+    # round 0: direction 0 was scored on the plain run's batch (the epoch's first), directions 1 and 2 on the next
+    spread_scalars = single.run_dir.read_metrics()[1]["scalars"]
+    plain_scalars = runs["plain"].run_dir.read_metrics()[1]["scalars"]
+    assert spread_scalars[0] == plain_scalars[0] and spread_scalars[1] != plain_scalars[1]
+    assert spread_scalars[2] != plain_scalars[2]
+    assert np.array_equal(runs["one"].theta, runs["one-plain"].theta)
+    with pytest.raises(Exception, match="--spread batches needs --scheme central"):
+        config(directions=3, spread="batches", scheme="centred").check()
+
+
+def test_the_history_in_the_run_folder_survives_a_torn_tail(tiny, tmp_path):
+    from ggfwd.federation.history import HISTORY, History
+
+    cfg = config(steps=4, eval_every=0)
+    fed = federation(tiny, tmp_path / "run", cfg, ["fast"] * 3)
+    fed.run()
+    path = tmp_path / "run" / HISTORY
+    whole = path.read_bytes()
+    records = fed.server.history.since(0)
+    assert len(records) == 4 and whole == b"".join(len(r).to_bytes(4, "little") + r for r in records)
+    path.write_bytes(whole[:-5])  # killed while appending round 3
+    history = History(tmp_path / "run")
+    history.load(3)
+    assert history.since(0) == records[:3] and path.read_bytes() == whole[:len(whole) - 4 - len(records[3])]
+    history = History(tmp_path / "run")
+    history.load(4)  # round 3 is gone: no replay from round 0; clients then get snapshots
+    assert history.since(0) is None and history.since(4) == [] and path.read_bytes() == b""
+    damaged = bytearray(whole)
+    damaged[10] ^= 1
+    path.write_bytes(bytes(damaged))
+    history = History(tmp_path / "run")
+    history.load(2)
+    assert history.since(0) is None  # round 0's checksum fails: nothing is trusted
+
+
+def test_a_joiner_that_builds_another_start_adapter_is_refused(tiny, tmp_path):
+    cfg = config(steps=2, eval_every=0)
+    fed = federation(tiny, tmp_path / "run", cfg, ["fast"] * 2)
+    fed.run()
+    other = fed.adapter.params.copy()
+    other[0] += 1.0
+    joiner = Client(5, fed.clients[0].data, fed.estimator, cfg.seed, cfg.update_rule(), start=other)
+    instruction = decode(fed.server.instruct(2, 5, 1, 8, cfg.eps, start=fed.start_digest))
+    with pytest.raises(MessageError, match="another start adapter"):
+        joiner.check_start(instruction)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -176,7 +279,9 @@ def test_messages_round_trip_and_their_sizes_are_the_counted_bytes(tiny, tmp_pat
                  for c, s in r["scalars"].items())
         assert r["bytes_up"] > 0 and n == 3
         assert abs(r["bytes_up"] - up) <= 3 * 40  # same arrays; only the loss/token numbers' digits differ
-    assert rounds[1]["bytes_down"] > 0 and rounds[0]["bytes_down"] > 3 * 4 * fed.perturbations.size  # snapshots
+    # round 0: the clients join from their own start adapter (no snapshot), then each gets round 0's broadcast
+    assert rounds[0]["joined"] == 3 and rounds[0]["join_bytes"] == 0 and not rounds[0].get("snapshots")
+    assert 3 * 100 < rounds[1]["bytes_down"] < 3 * 1024
 
 
 def _valid_report():
@@ -338,10 +443,11 @@ def test_killed_federation_resumes_bitwise(tiny, tmp_path):
     keys = ("step", "selected", "accepted", "scalars", "loss", "eval_loss", "eval_accuracy")
     strip = lambda rs: [{k: r.get(k) for k in keys} for r in rs]
     assert strip(full.run_dir.read_metrics()) == strip(again.run_dir.read_metrics())
-    # the restarted clients rejoined with a snapshot (counted); the uninterrupted run needed none after round 1
+    # the restarted clients rejoined by replaying the history the server kept in the run folder (counted)
     resumed = [r for r in again.run_dir.read_metrics() if r["step"] == 5][0]
-    assert resumed["snapshots"] == len(resumed["selected"])
-    assert all(r.get("snapshots", 0) <= 2 for r in full.run_dir.read_metrics() if r["step"] > 4)
+    assert resumed["joined"] == len(resumed["selected"]) and not resumed.get("snapshots")
+    assert 0 < resumed["join_bytes"] < len(resumed["selected"]) * len(again.server.snapshot())
+    assert (tmp_path / "part" / "history.bin").read_bytes() == (tmp_path / "full" / "history.bin").read_bytes()
     with pytest.raises(Exception, match="keeps its settings"):
         federation(tiny, tmp_path / "part", cfg, devices, clients_per_round=3).resume()
 
@@ -357,6 +463,10 @@ def test_killed_federation_resumes_bitwise(tiny, tmp_path):
     (["--clients", "4", "--devices", "fast:4", "--partition", "zipf"], "--partition must be"),
     (["--clients", "4", "--devices", "fast:4", "--clients-per-round", "9"], "--clients-per-round"),
     (["--clients", "4", "--devices", "fast:4", "--hostile", "9:scale"], "--hostile"),
+    (["--clients", "4", "--devices", "fast:4", "--weighting", "speed"], "--weighting must be one of"),
+    (["--clients", "4", "--devices", "fast:4", "--lr-scaling", "log"], "--lr-scaling must be one of"),
+    (["--clients", "4", "--devices", "fast:4", "--lr-scale-max", "nan"], "--lr-scale-max must be 0"),
+    (["--clients", "4", "--devices", "fast:4", "--max-lag", "-1"], "--max-lag must be >= 0"),
 ])
 def test_bad_federation_specs_are_one_line_errors(tiny, tmp_path, args, fragment):
     r = run_cli("federate", "--model", tiny["model"], "--data", tiny["train"], "--task", tiny["task"],

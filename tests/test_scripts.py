@@ -217,6 +217,33 @@ def test_bench_federation_smoke(env, smoke_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_federation_scaling_smoke(env, smoke_model, tmp_path):
+    out = run("bench_federation.py", ["--mode", "scaling", "--smoke", "--model", str(smoke_model), "--out",
+                                      str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")], tmp_path, env)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split("|")[1].strip() for r in rows] == ["n1-iid-s0", "n2-iid-s0", "n1-dir-s0", "n2-dir-s0"], out
+    saved = {r["label"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    for label, res in saved.items():
+        n = res["n"]
+        assert res["lr"] == pytest.approx(0.02 * n)  # linear scaling: N clients of one direction step at N x lr
+        assert [e[1] for e in res["evals"]] == [0, 4, 8, 12, 16][:len(res["evals"])], label  # the same pass totals
+        assert res["evals"][0][3] == saved["n1-iid-s0"]["evals"][0][3]  # every run starts from the same adapter
+        assert 0 < res["bytes_up"] < 1024 and 0 < res["bytes_down"] < 1024
+    assert (tmp_path / "runs" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    again = run("bench_federation.py", ["--mode", "scaling", "--report", "--smoke", "--out", str(tmp_path / "runs")],
+                tmp_path, env)
+    assert [line for line in again.splitlines() if line.startswith("| ")] == \
+        [line for line in out.splitlines() if line.startswith("| ")]
+
+
+def test_bench_catchup_smoke(env, smoke_model, tmp_path):
+    out = run("bench_catchup.py", ["--smoke", "--model", str(smoke_model)], tmp_path, env)
+    line = [x for x in out.splitlines() if x.startswith("rounds ")][-1]
+    numbers = dict(re.findall(r"(\w+) (" + FLOAT + ")", line))
+    assert float(numbers["history"]) < float(numbers["snapshot"]) < float(numbers["before"]), out
+    assert "bitwise equal: True" in out
+
+
 def test_bench_federation_time_smoke(env, smoke_model, tmp_path):
     out = run("bench_federation.py", ["--mode", "time", "--smoke", "--model", str(smoke_model), "--out",
                                       str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")], tmp_path, env)

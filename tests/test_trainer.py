@@ -170,6 +170,8 @@ def test_divergent_steps_are_rejected_not_applied(tiny, tmp_path):
     (["--targets", "nothing_here"], "match no weight"),
     (["--max-tokens", "4"], "max-tokens must be between"),
     (["--memory", "small"], "--memory must be one of standard, lean"),
+    (["--lr-scaling", "cubic"], "--lr-scaling must be one of auto, linear, sqrt, none"),
+    (["--lr-scale-max", "-2"], "--lr-scale-max must be 0"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, extra, message, capsys, monkeypatch):
     from ggfwd.cli import main

@@ -44,7 +44,7 @@ def _register() -> None:
                              "device's own data (needs the federated extra).")(join_command)
     app.command("certs", help="Make a CA, a server certificate and node keys for ggfwd serve on a LAN.")(certs_command)
     from .devices import app as devices_app; app.add_typer(devices_app, name="devices", help="Device profiles: list, show, compare for a model and training shape, measure this machine (bench).")  # noqa: E702
-    from ..convert.commands import convert_command, export_command
+    from .convert import convert_command, export_command
 
     app.command("convert", help="Convert a Hugging Face checkpoint (or a GGUF) into a GGUF base model "
                                 "plus a separate F32 LoRA adapter.")(convert_command)

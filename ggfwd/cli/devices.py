@@ -7,6 +7,10 @@
   each device's budget, seconds per forward pass, per perturbation and per step, perturbations per minute,
   time for 1,000 passes; `--plot FILE.png` draws it.
 - `bench`: measures this machine through the real scoring session and trainer and writes a profile.
+
+Tables fit the terminal (`screen.print_fitting`): a row per device with every column where that fits, else
+fewer columns or a column per device, else a block per device; `--wide` prints every column. The profile,
+memory and speed modules are imported inside the commands: together about 20 ms of every `ggfwd` start.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import UserError
 from .options import MEMORY_OPTION, flag
+from .screen import WIDE_OPTION, light_table, print_fitting
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Device profiles: list, show, compare for a model and training shape, measure this machine.")
@@ -31,6 +37,7 @@ MIB = 2 ** 20
 PROFILES_OPTION = typer.Option(None, "--profiles", help="Extra folder of profile TOML files (searched first; "
                                                         "$GGFWD_PROFILES works too).")
 JSON_OPTION = flag("--json", help="Print JSON on stdout instead of a table.")
+SHOW_TABLE_WIDTH = 120  # `devices show` as three columns from this width: its sources are paragraphs
 
 
 def _dirs(profiles: Optional[Path]):
@@ -53,56 +60,87 @@ def _origin(p) -> str:
     return f"cited: {url.group(0).rstrip('.,;')}" if url else _short(text, 60)
 
 
-def _rates(p) -> str:
-    return ", ".join(f"{q} {r:,.0f}" for q, r in p.gflops.items())
+def _rates(p, sep: str = ", ") -> str:
+    return sep.join(f"{q} {r:,.0f}" for q, r in p.gflops.items())
+
+
+def _memory(p) -> str:
+    return f"{p.memory_budget_mib / 1024:.1f} / {p.memory_total_mib / 1024:.1f}"
 
 
 @app.command("list", help="List every device profile found, with the source of its numbers.")
-def list_command(profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSON_OPTION):
+def list_command(profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSON_OPTION, wide: bool = WIDE_OPTION):
     from ..profiles import list_profiles
 
     found = list_profiles(_dirs(profiles))
     if as_json:
         print(json.dumps([p.as_dict() for p in found]))
         return
-    table = Table(title=f"ggfwd device profiles ({len(found)})")
+    full = Table()
     for col in ("name", "kind", "os", "backend", "threads", "budget / RAM GiB", "GFLOP/s", "source of the speed"):
-        table.add_column(col, justify="right" if col in ("threads", "budget / RAM GiB", "GFLOP/s") else "left")
-    for p in found:
-        table.add_row(p.name, p.kind, p.os, p.backend, str(p.threads),
-                      f"{p.memory_budget_mib / 1024:.1f} / {p.memory_total_mib / 1024:.1f}", _rates(p),
-                      escape(_origin(p)))
-    Console().print(table)
+        full.add_column(col, justify="right" if col in ("threads", "budget / RAM GiB", "GFLOP/s") else "left",
+                        overflow="fold")
+    # About 80 columns: no os, the backend with its threads, one rate per line, the sources as notes below.
+    compact = light_table("name", "kind", "backend", "budget /\nRAM GiB", "GFLOP/s", "source",
+                          right=("budget /\nRAM GiB", "GFLOP/s"))
+    origins: dict[str, int] = {}
+    # Narrower: a block per profile.
+    blocks = Table.grid(padding=(0, 2))
+    blocks.add_column(overflow="fold")
+    blocks.add_column(overflow="fold")
+    for i, p in enumerate(found):
+        origin = _origin(p)
+        note = origins.setdefault(origin, len(origins) + 1)
+        full.add_row(p.name, p.kind, p.os, p.backend, str(p.threads), _memory(p), _rates(p), escape(origin))
+        compact.add_row(p.name, p.kind, f"{p.backend} x{p.threads}", _memory(p), _rates(p, "\n"), f"\\[{note}]")
+        if i:
+            blocks.add_row("", "")
+        blocks.add_row(Text(p.name, style="bold"), f"{p.kind}, {p.os}, {p.backend} x{p.threads}")
+        blocks.add_row("memory", f"{_memory(p)} GiB (budget / RAM)")
+        blocks.add_row("GFLOP/s", _rates(p))
+        blocks.add_row("speed from", escape(origin))
+    notes = Text("\n".join(f"[{n}] {origin}" for origin, n in origins.items()))
+    print_fitting(Console(), [full, Group(compact, notes), blocks], wide, title=f"ggfwd device profiles ({len(found)})")
 
 
 @app.command("show", help="Show one profile in full: every number and where it comes from.")
 def show_command(name: str = typer.Argument(..., help="Profile name or path to a .toml file."),
-                 profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSON_OPTION):
+                 profiles: Optional[Path] = PROFILES_OPTION, as_json: bool = JSON_OPTION,
+                 wide: bool = WIDE_OPTION):
     from ..profiles import load_profile
 
     p = load_profile(name, _dirs(profiles))
     if as_json:
         print(json.dumps(p.as_dict()))
         return
-    table = Table(title=escape(f"{p.name}: {p.description}"), show_lines=True)
-    table.add_column("field")
-    table.add_column("value")
-    table.add_column("source")
-    table.add_row("device", f"{p.kind}, {p.os}, {p.backend} backend, {p.threads} threads", escape(p.source))
+    rows = [("device", f"{p.kind}, {p.os}, {p.backend} backend, {p.threads} threads", p.source)]
     for section in ("memory", "speed", "numerics", "network", "availability"):
         values = {k: v for k, v in p.section(section).items() if k != "source"}
-        if not values:
-            continue
-        shown = "\n".join(f"{k} = {json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items())
-        table.add_row(section, escape(shown), escape(p.section(section).get("source", "")))
+        if values:
+            shown = "\n".join(f"{k} = {json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items())
+            rows.append((section, shown, p.section(section).get("source", "")))
     bench = p.section("bench")
     if bench:
         points = bench.pop("points", [])
         shown = "\n".join(f"{k} = {v}" for k, v in bench.items())
         shown += "".join(f"\n{q['model']}: {q['tokens']} tokens, {q['seconds']:.3f} s" for q in points)
-        table.add_row("bench", escape(shown), "what the ggfwd devices bench run recorded")
-    table.add_row("file", escape(p.path), "")
-    Console().print(table)
+        rows.append(("bench", shown, "what the ggfwd devices bench run recorded"))
+    rows.append(("file", str(p.path), ""))
+    table = Table(show_lines=True)
+    for col in ("field", "value", "source"):
+        table.add_column(col, overflow="fold")
+    # Narrower than SHOW_TABLE_WIDTH, the sources (paragraphs) go under the values, across the whole width.
+    blocks = Table.grid(padding=(0, 2))
+    blocks.add_column(overflow="fold")
+    blocks.add_column(overflow="fold")
+    for i, (field, shown, source) in enumerate(rows):
+        table.add_row(field, escape(shown), escape(source))
+        if i:
+            blocks.add_row("", "")
+        blocks.add_row(Text(field, style="bold"), escape(shown))
+        if source:
+            blocks.add_row("", Text(f"source: {source}", style="dim"))
+    print_fitting(Console(), [(table, SHOW_TABLE_WIDTH), blocks], wide, title=f"{p.name}: {p.description}")
 
 
 def _comparison(names, model, rank, targets, batch_size, tokens, directions, optimizer, profiles, memory="standard"):
@@ -153,6 +191,47 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# What `devices compare` shows of each device: (header, short header for narrow tables, cell from the row).
+_FIGURES = [
+    ("backend", "backend", lambda r: f"{r['backend']} x{r['threads']}"),
+    ("peak memory MiB", "MiB", lambda r: f"{r['memory_bytes'] / MIB:,.0f}"),
+    ("budget MiB", "", lambda r: f"{r['budget_bytes'] / MIB:,.0f}"),
+    ("fits", "fits", lambda r: (f"[green]yes[/] (+{r['headroom_bytes'] / MIB:,.0f})" if r["fits"]
+                                else f"[red]no[/] (short {-r['headroom_bytes'] / MIB:,.0f})")),
+    ("GFLOP/s", "GFLOP/s", lambda r: f"{r['effective_gflops']:,.0f}"),
+    ("s / pass", "s/pass", lambda r: f"{r['seconds_per_pass']:.3g}"),
+    ("s / perturbation", "", lambda r: f"{r['seconds_per_perturbation']:.3g}"),
+    ("perturbations / min", "", lambda r: f"{r['perturbations_per_minute']:.3g}"),
+    ("1,000 passes", "1k passes", lambda r: _duration(r["seconds_per_1000_passes"])),
+]
+
+
+def _comparison_layouts(rows: list) -> list:
+    """`devices compare`'s layouts, widest first: a row per device with every figure; a column per device (three
+    devices fit 80 columns); a row per device with the figures that have a short header (the budget is the peak
+    plus what `fits` says is left; a perturbation is two passes); a column per device, one device at a time."""
+    left = ("device", "backend", "fits")
+    full = Table()
+    for header in ("device", *(h for h, _, _ in _FIGURES)):
+        full.add_column(header, justify="left" if header in left else "right", overflow="fold")
+    short = [(h, cell) for _, h, cell in _FIGURES if h]
+    compact = light_table("device", *(h for h, _ in short), right=tuple(h for h, _ in short if h not in left))
+    for r in rows:
+        full.add_row(r["profile"], *(cell(r) for _, _, cell in _FIGURES))
+        compact.add_row(r["profile"], *(cell(r) for _, cell in short))
+
+    def by_column(devices: list) -> Table:
+        table = light_table("", *(r["profile"] for r in devices), right=tuple(r["profile"] for r in devices))
+        for header, _, cell in _FIGURES:
+            table.add_row(header, *(cell(r) for r in devices))
+        return table
+
+    one_by_one = []
+    for r in rows:
+        one_by_one += [Text(""), by_column([r])] if one_by_one else [by_column([r])]
+    return [full, by_column(rows), compact, Group(*one_by_one)]
+
+
 @app.command("compare", help="Compare devices for one model and training shape: memory against budget, "
                              "seconds per pass, perturbations per minute, time for 1,000 passes.")
 def compare_command(
@@ -168,6 +247,7 @@ def compare_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a bar chart to this .png file."),
     profiles: Optional[Path] = PROFILES_OPTION,
     as_json: bool = JSON_OPTION,
+    wide: bool = WIDE_OPTION,
 ):
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {plot}")
@@ -179,21 +259,10 @@ def compare_command(
         print(json.dumps(result))
         return
     m, t = result["model"], result["training"]
-    table = Table(title=f"{m['name']} ({m['params'] / 1e9:.2f}B, {m['quant']}): batch {t['batch_size']} x {t['tokens']} "
-                        f"tokens, rank-{t['rank']} LoRA on {','.join(t['targets'])} ({t['lora_params']:,} values), "
-                        f"{t['directions']} direction(s)/step, {t['memory']} memory")
-    for col in ("device", "backend", "peak memory MiB", "budget MiB", "fits", "GFLOP/s", "s / pass",
-                "s / perturbation", "perturbations / min", "1,000 passes"):
-        table.add_column(col, justify="left" if col in ("device", "backend", "fits") else "right")
-    for r in result["devices"]:
-        fits = (f"[green]yes[/] (+{r['headroom_bytes'] / MIB:,.0f})" if r["fits"]
-                else f"[red]no[/] (short {-r['headroom_bytes'] / MIB:,.0f})")
-        rate = f"{r['effective_gflops']:,.0f}"
-        table.add_row(r["profile"], f"{r['backend']} x{r['threads']}", f"{r['memory_bytes'] / MIB:,.0f}",
-                      f"{r['budget_bytes'] / MIB:,.0f}", fits, rate, f"{r['seconds_per_pass']:.3g}",
-                      f"{r['seconds_per_perturbation']:.3g}", f"{r['perturbations_per_minute']:.3g}",
-                      _duration(r["seconds_per_1000_passes"]))
-    Console().print(table)
+    title = (f"{m['name']} ({m['params'] / 1e9:.2f}B, {m['quant']}): batch {t['batch_size']} x {t['tokens']} tokens, "
+             f"rank-{t['rank']} LoRA on {','.join(t['targets'])} ({t['lora_params']:,} values), "
+             f"{t['directions']} direction(s)/step, {t['memory']} memory")
+    print_fitting(Console(), _comparison_layouts(result["devices"]), wide, title=title)
     err.print(f"{result['devices'][0]['gflop_per_pass']:,.1f} GFLOP per pass; GFLOP/s: each device's rates "
               "(by weight type, or its default) applied to this model's mix of types")
     if plot is not None:
@@ -323,15 +392,25 @@ def bench_command(
                           "predicted_memory": [b.predicted.as_dict() for b in benches],
                           "measured_step_peak_rss": [b.step_peak_rss for b in benches]}))
         return
-    table = Table(title=f"ggfwd devices bench: {threads} thread(s), batch {batch_size} x {tokens} tokens")
-    for col in ("model", "tokens/pass", "s/pass", "tokens/s", "fit s/pass", "step peak MiB", "predicted MiB"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for b in benches:
+    headers = ("model", "tokens\nper pass", "s per\npass", "tokens\nper s", "fitted\ns/pass", "step peak\nMiB",
+               "predicted\nMiB")
+    table = light_table(*headers, right=headers[1:])  # about 80 columns with the demo model's file name
+    blocks = Table.grid(padding=(0, 2))  # narrower: a block per model
+    blocks.add_column(overflow="fold")
+    blocks.add_column(overflow="fold")
+    for i, b in enumerate(benches):
+        if i:
+            blocks.add_row("", "")
+        blocks.add_row(Text(b.stats.name, style="bold"), f"training step peak {b.step_peak_rss / MIB:,.0f} MiB, "
+                                                          f"predicted {b.predicted.total / MIB:,.0f}")
         for q in b.points:
             fit = overhead + sum(f / (rates.get(k, rates["default"]) * 1e9) for k, f in q.flops.items())
             table.add_row(b.stats.name, str(q.tokens), f"{q.seconds:.3f}", f"{q.tokens / q.seconds:.0f}", f"{fit:.3f}",
                           f"{b.step_peak_rss / MIB:,.0f}", f"{b.predicted.total / MIB:,.0f}")
-    Console().print(table)
+            blocks.add_row(f"{q.tokens} tokens", f"{q.seconds:.3f} s per pass (fitted {fit:.3f}), "
+                                                 f"{q.tokens / q.seconds:.0f} tokens/s")
+    print_fitting(Console(), [table, blocks], title=f"ggfwd devices bench: {threads} thread(s), batch {batch_size} x "
+                                                    f"{tokens} tokens")
     Console().print(f"speed model: {', '.join(f'{r:.1f} GFLOP/s for {q}' for q, r in rates.items())}, "
                     f"overhead {overhead * 1000:.1f} ms per pass")
     for b in benches:

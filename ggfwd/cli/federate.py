@@ -11,19 +11,19 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import TextColumn
 
 from ..progress import progress_bar
-from .train import _inputs_given, _previous_metrics, resolve_run, session_settings
-from .options import MEMORY_OPTION, flag
+from .train import _inputs_given, _previous_metrics, resolve_run
+from .options import LR_SCALE_MAX_OPTION, LR_SCALING_OPTION, MEMORY_OPTION, SPREAD_OPTION, flag
 
 err = Console(stderr=True)
 
-DEMO = {"steps": 30, "eval_every": 10, "batch_size": 8, "lr": 0.01, "clip": 5.0}
+DEMO = {"steps": 30, "eval_every": 10, "batch_size": 8, "clip": 5.0}
 DEMO_DEVICES = "laptop-x86:4,phone-midrange:4,pi5:2"
 _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
-                "eval_every", "checkpoint_every", "clip")
-_FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "dropout",
+                "eval_every", "checkpoint_every", "clip", "lr_scaling", "lr_scale_max",
+                "spread")
+_FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "weighting", "dropout",
                        "hostile", "allocation", "pacing", "target", "max_directions", "min_clients", "pacing_max",
                        "downweight", "sampling", "candidates")
 
@@ -35,7 +35,8 @@ def federate_command(
     rounds: Optional[int] = typer.Option(None, "--rounds", help=f"Rounds (one update each) \\[default: {DEMO['steps']}]."),
     clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online) \\[default: 4]."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all) \\[default: 0]."),
-    max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Rounds a client may miss and still catch up from broadcasts; further behind it gets the adapter \\[default: 10]."),
+    max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Most rounds a client (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values \\[default: 1000]."),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help="Clients' weights in a round's update: equal, examples (by training-set size, capped at 4x the round's median) or directions (every direction the same) \\[default: equal]."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded) \\[default: 0]."),
     hostile: Optional[str] = typer.Option(None, "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Directions per client: uniform (--directions each), schedule (FwdLLM's 1-3-5-10 by progress) or speed (as many as fit the round's deadline by the device profile) \\[default: uniform]."),
@@ -61,7 +62,10 @@ def federate_command(
     targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter \\[default: attn_q,attn_v]."),
     max_tokens: Optional[int] = typer.Option(None, help="Longest example in tokens \\[default: 128]."),
     memory: Optional[str] = MEMORY_OPTION,
-    lr: Optional[float] = typer.Option(None, help=f"Learning rate \\[default: {DEMO['lr']}, sgd]."),
+    lr: Optional[float] = typer.Option(None, help=f"Base learning rate, for one direction \\[default: 0.02, sgd]."),
+    lr_scaling: Optional[str] = LR_SCALING_OPTION,
+    lr_scale_max: Optional[float] = LR_SCALE_MAX_OPTION,
+    spread: Optional[str] = SPREAD_OPTION,
     eps: Optional[float] = typer.Option(None, help="Perturbation size \\[default: 0.1]."),
     directions: Optional[int] = typer.Option(None, help="Directions per client and round \\[default: 1]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help=f"Examples per client and round \\[default: {DEMO['batch_size']}]."),
@@ -89,7 +93,7 @@ def federate_command(
     from ..modelstats import ModelStats
 
     stats = ModelStats.from_gguf(inputs.model)
-    with session_settings(inputs, threads).open(inputs.model, verbose=verbose) as session:
+    with inputs.session_settings(threads).open(inputs.model, verbose=verbose) as session:
         train_data, eval_data_t, init = inputs.load(session, config.seed)
         run.out.mkdir(parents=True, exist_ok=True)
         federation = Federation(session, init, train_data, config, run.out, eval_data=eval_data_t, inputs=inputs,
@@ -140,7 +144,7 @@ def _run_live(fed, out: Path) -> None:
     err.print(f"[bold]ggfwd federate[/] -> {out}  ({f.clients} clients on {', '.join(kinds)}, partition "
               f"{f.partition}, {f.clients_per_round} per round, {c.directions} direction(s) of {c.batch_size} "
               f"examples each, {fed.perturbations.n} trained values)")
-    with progress_bar(err, False, TextColumn("{task.fields[info]}")) as bar:
+    with progress_bar(err, info=True) as bar:
         job = bar.add_task("rounds", total=c.steps, completed=k.step, info="")
 
         def on_round(r):
@@ -159,9 +163,13 @@ def _run_live(fed, out: Path) -> None:
     from ..federation.simulate import traffic
 
     b = traffic(fed.run_dir.read_metrics())
-    err.print(f"bytes per client and round: up {b['up']:.0f}, down {b['down']:.0f} (instruction and missed broadcasts; "
-              f"plus {b['snapshots']} adapter snapshots of {b['snapshot_bytes']:.0f} bytes for joining clients); "
+    err.print(f"bytes per client and round: up {b['up']:.0f}, down {b['down']:.0f} (instruction and missed broadcasts); "
               f"a dense LoRA exchange would be {4 * fed.perturbations.n} each way")
+    err.print(f"{b['joined']} clients joined by replaying the run's history (or a snapshot where smaller): "
+              f"{b['join_bytes']:.0f} bytes each on average, at most {b['join_max']:.0f}; snapshot of the trained "
+              f"values now {len(fed.server.snapshot())} bytes"
+              + (f"; {b['snapshots']} snapshots of {b['snapshot_bytes']:.0f} bytes to clients too far behind"
+                 if b["snapshots"] else ""))
     if state["acc"] is not None:
         err.print(f"eval accuracy {state['acc0']:.1%} at start -> {state['acc']:.1%}")
     err.print(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}   plot: ggfwd plot {out}")

@@ -28,12 +28,13 @@ import typer
 from rich.console import Console
 
 from ..errors import UserError
-from .options import MEMORY_OPTION, flag
+from .options import LR_SCALE_MAX_OPTION, LR_SCALING_OPTION, MEMORY_OPTION, SPREAD_OPTION, flag
 
 err = Console(stderr=True)
 BUNDLE = Path(__file__).resolve().parent.parent / "federation" / "flower_bundle"
 _SERVE_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "seed", "average_decay",
-                  "eval_every", "checkpoint_every", "clip")
+                  "eval_every", "checkpoint_every", "clip", "lr_scaling", "lr_scale_max",
+                  "spread")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,6 +114,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 
 def _certs_files(certs: Path) -> dict[str, Path]:
+    certs = certs.resolve()  # Flower's processes run in the run folder: a relative path would point elsewhere
     files = {"ca": certs / "ca.pem", "cert": certs / "server.pem", "key": certs / "server.key"}
     for path in files.values():
         if not path.is_file():
@@ -167,7 +169,8 @@ def serve_command(
     min_nodes: Optional[int] = typer.Option(None, "--min-nodes", help="Nodes to wait for before the first round \\[default: --clients-per-round]."),
     wait: float = typer.Option(600.0, "--wait", help="Seconds to wait for --min-nodes nodes."),
     deadline: float = typer.Option(300.0, "--deadline", help="Seconds a round waits for reports; later ones are discarded."),
-    max_lag: int = typer.Option(10, "--max-lag", help="Rounds a node may miss and still catch up from broadcasts; further behind it gets the adapter."),
+    max_lag: int = typer.Option(1000, "--max-lag", help="Most rounds a node (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values."),
+    weighting: str = typer.Option("equal", "--weighting", help="Nodes' weights in a round's update: equal, examples (by the training-set size a node reports, capped at 4x the round's median) or directions."),
     clip: Optional[float] = typer.Option(None, "--clip", help="Limit scalars to CLIP x the median client's median |s| (0: off) \\[default: 0; 5 in the demo]."),
     host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on (0.0.0.0: every interface)."),
     port: int = typer.Option(9092, "--port", help="Port of the SuperLink (nodes join HOST:PORT)."),
@@ -180,7 +183,10 @@ def serve_command(
     alpha: Optional[float] = typer.Option(None, help="Alpha of the fresh adapter \\[default: 16]."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns \\[default: attn_q,attn_v]."),
     max_tokens: Optional[int] = typer.Option(None, help="Longest example in tokens \\[default: 128]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate \\[default: 0.02; 0.01 in the demo]."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate, for one direction \\[default: 0.02]."),
+    lr_scaling: Optional[str] = LR_SCALING_OPTION,
+    lr_scale_max: Optional[float] = LR_SCALE_MAX_OPTION,
+    spread: Optional[str] = SPREAD_OPTION,
     eps: Optional[float] = typer.Option(None, help="Perturbation size \\[default: 0.1]."),
     directions: Optional[int] = typer.Option(None, help="Directions per node and round \\[default: 1]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per node and round \\[default: 16; 8 in the demo]."),
@@ -193,7 +199,8 @@ def serve_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/serve-TIMESTAMP)."),
     resume: bool = flag("--resume", help="Continue the run in --out from its last checkpoint."),
 ):
-    from ..federation.remote import RemoteConfig, SERVE_FILE, run_settings
+    from ..federation.handshake import run_settings
+    from ..federation.remote import RemoteConfig, SERVE_FILE
     from .federate import DEMO
     from .train import _inputs_given, resolve_run
 
@@ -207,6 +214,7 @@ def serve_command(
     if insecure == (certs is not None):
         raise UserError("give --certs DIR (TLS, made by ggfwd certs) or --insecure")
     if node_keys is not None:
+        node_keys = node_keys.resolve()
         if insecure:
             raise UserError("--node-keys (node authentication) needs TLS: drop --insecure")
         keys = sorted(node_keys.glob("*.pub")) if node_keys.is_dir() else []
@@ -217,7 +225,7 @@ def serve_command(
         raise UserError(f"--port must lie in 1..65535, got {port}")
     if not resume:  # checked before the model is looked for
         RemoteConfig(clients, clients_per_round, deadline, max_lag,
-                     min_nodes if min_nodes is not None else min(clients_per_round, clients), wait).check()
+                     min_nodes if min_nodes is not None else min(clients_per_round, clients), wait, weighting).check()
     run = resolve_run("serve", given, inputs_given, out, resume, DEMO)
     config, inputs = run.config, run.inputs
     inputs.data, inputs.train_limit = None, None  # the nodes hold the training data
@@ -227,7 +235,8 @@ def serve_command(
             remote.min_nodes = min_nodes
     else:
         remote = RemoteConfig(clients, clients_per_round, deadline, max_lag,
-                              min_nodes if min_nodes is not None else min(clients_per_round, clients), wait)
+                              min_nodes if min_nodes is not None else min(clients_per_round, clients), wait,
+                              weighting)
     remote.check()
     _need_flower()
     out = run.out.resolve()  # Flower's processes run in other folders
@@ -339,6 +348,8 @@ def join_command(
         raise UserError("give --ca ca.pem (TLS) or --insecure")
     if ca is not None and not ca.is_file():
         raise UserError(f"--ca file not found: {ca}")
+    # the SuperNode and its ClientApp processes run in other folders: every path is made absolute here
+    ca, key, state = (p.resolve() if p is not None else None for p in (ca, key, state))
     if key is not None and (insecure or not key.is_file()):
         raise UserError("--key needs TLS (--ca) and an existing private key file")
     if not 0 < local_port < 65536:

@@ -17,25 +17,25 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import TextColumn
 
 from ..errors import UserError
 from ..estimator import passes_per_step
 from ..progress import progress_bar
 from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
-from ..trainer import TrainConfig, batch_indices, read_metrics, read_state
-from .options import MEMORY_OPTION, flag
+from ..trainer import TrainConfig, Trainer, batch_indices, read_metrics, read_state
+from .options import LR_SCALE_MAX_OPTION, LR_SCALING_OPTION, MEMORY_OPTION, SPREAD_OPTION, flag
 
 err = Console(stderr=True)
 
-# Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see README "Training").
+# Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see docs/convergence.md, "The default recipe").
 DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
 CALIBRATION_BATCHES = 2  # train --calibrate measures on the run's first two batches
 
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
 _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "schedule", "warmup",
                   "weight_decay", "momentum", "seed", "distribution", "part", "layers", "scaling", "scheme",
-                  "normalize", "average_decay", "eval_every", "checkpoint_every", "clip")
+                  "normalize", "average_decay", "eval_every", "checkpoint_every", "clip", "lr_scaling",
+                  "lr_scale_max", "spread")
 
 
 @dataclass
@@ -103,15 +103,6 @@ def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path],
     return ResolvedRun(config, inputs, Path(out), calibration, state)
 
 
-def session_settings(inputs, threads: Optional[int]) -> SessionSettings:
-    """Decodes of the standard layout whatever the training batch size, so that `ggfwd eval` with its defaults
-    scores a saved adapter exactly as the run's own evaluation did."""
-    from ..tasks import load_task
-
-    return SessionSettings(max_tokens=inputs.max_tokens, threads=threads, kind=load_task(inputs.task).kind,
-                           memory=inputs.memory)
-
-
 def train_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),
@@ -122,7 +113,10 @@ def train_command(
     min_words: Optional[int] = typer.Option(None, min=0, help="Train only on examples of at least N words \\[default: 0, all]."),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N evaluation examples."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.02, sgd)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate for one direction (default 0.02, sgd); see --lr-scaling."),
+    lr_scaling: Optional[str] = LR_SCALING_OPTION,
+    lr_scale_max: Optional[float] = LR_SCALE_MAX_OPTION,
+    spread: Optional[str] = SPREAD_OPTION,
     eps: Optional[float] = typer.Option(None, help="Perturbation size (relative weight change with --scaling tensor)."),
     calibrate: bool = flag("--calibrate", help="Choose eps by measuring noise floor and curvature on the first two batches (central scheme); the run keeps it."),
     directions: Optional[int] = typer.Option(None, help="Perturbation directions per step (2 forward passes each with --scheme central)."),
@@ -153,8 +147,6 @@ def train_command(
     resume: bool = flag("--resume", help="Continue the run in --out from its last checkpoint."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from ..trainer import Trainer
-
     if calibrate and (resume or eps is not None):
         raise UserError("--calibrate chooses eps for a new run: it excludes --eps and --resume")
     given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
@@ -164,7 +156,7 @@ def train_command(
     if calibrate and config.scheme != "central":
         raise UserError(f"--calibrate models central differences; with --scheme {config.scheme} give --eps")
 
-    with session_settings(inputs, threads).open(inputs.model, verbose=verbose) as session:
+    with inputs.session_settings(threads).open(inputs.model, verbose=verbose) as session:
         train_data, eval_data_t, init = inputs.load(session, config.seed)
         if calibrate:
             plans = [session.plan(train_data.subset(batch_indices(config.seed, step, len(train_data), config.batch_size)))
@@ -256,14 +248,13 @@ def calibrate_command(
 
 def _run_live(trainer, out: Path) -> None:
     c, k = trainer.config, trainer.counters
-    info = TextColumn("{task.fields[info]}")
     state = {"loss": None, "acc": None, "acc0": None}
     for r in _previous_metrics(out):
         _note(state, r)
     err.print(f"[bold]ggfwd train[/] -> {out}  ({len(trainer.train_data)} training examples, "
               f"{trainer.perturbations.n} trained values, {c.directions} direction(s), "
               f"{passes_per_step(c.scheme, c.directions)} forward passes per step, eps {c.eps:g})")
-    with progress_bar(err, False, info) as bar:
+    with progress_bar(err, info=True) as bar:
         job = bar.add_task("training", total=c.steps, completed=k.step, info="")
 
         def on_step(r):

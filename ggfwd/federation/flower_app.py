@@ -12,7 +12,7 @@ level: the serialized size of every object Flower pushes for a message (the Mess
 ConfigRecord, as `deflate()` gives them), before HTTP and TLS framing.
 
 Settings reach the apps through Flower's configs: the run config `run-dir` (the server's run folder, read by the
-ServerApp) and `ggfwd-run` (the run settings every node checks, `remote.run_settings`), and each SuperNode's
+ServerApp) and `ggfwd-run` (the run settings every node checks, `handshake.run_settings`), and each SuperNode's
 node config `ggfwd-node` (its node.json, written by `ggfwd join`).
 """
 

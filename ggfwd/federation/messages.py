@@ -16,13 +16,14 @@ Records:
   (`candidates`, `sampling`: see ggfwd.sampling).
 - `Report` (client -> server): the K loss-difference scalars (float32) of round R, with loss statistics,
   tokens scored and forward passes; with candidates, the candidate index (uint16) of each scalar.
-- `Broadcast` (server -> clients): the round's accepted (client, scalars[, indices]) lists, from which every
-  client replays the update.
+- `Broadcast` (server -> clients): the round's accepted (client, scalars[, indices]) lists and, when clients
+  are not weighted equally, each client's relative weight: from these every client replays the update.
 
 Optional fields and arrays (the candidate sampling ones) are written only when used, so a run without them
 sends the same bytes as before; a decoder that does not know them refuses them.
-- `Snapshot` (server -> a client that joins late or fell too far behind): the adapter values and optimizer
-  state at a version.
+- `Snapshot` (server -> a client that cannot catch up from broadcasts): the trained values (or, from older
+  servers, the whole adapter) and the optimizer state at a version. A client rebuilds the untrained values from
+  its own start adapter.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Instruction:
     deadline: float  # simulated seconds the round allows (inf: none)
     candidates: int = 0  # > 0: choose the directions among candidates 0..C-1 (see ggfwd.sampling); 0: 0..K-1
     sampling: int = 0  # with candidates: 1 discriminative (top-K by |cosine|), 2 unbiased (importance-weighted)
+    start: int = 0  # to a joiner: `start_digest` of the run's version-0 adapter, which the joiner builds itself
+    spread: int = 0  # 1: score each direction on its own batch of the client's data (0: all on one batch)
 
     KIND = 1
 
@@ -91,13 +94,14 @@ class Broadcast:
     counts: np.ndarray  # uint16, scalars per client
     scalars: np.ndarray  # float32, all accepted scalars, client after client
     indices: np.ndarray | None = None  # uint16 per scalar: its candidate index, when the round sampled candidates
+    weights: np.ndarray | None = None  # float32 per client: relative weights in the aggregate (None: equal)
 
     KIND = 3
 
     @classmethod
-    def of(cls, round_: int, reports: list[tuple]) -> "Broadcast":
+    def of(cls, round_: int, reports: list[tuple], weights=None) -> "Broadcast":
         """From (client, scalars) pairs, or (client, scalars, indices) triples when the round sampled
-        candidates."""
+        candidates; `weights`: the clients' relative weights (`estimator.client_weights`), None when equal."""
         clients = np.asarray([r[0] for r in reports], dtype=np.uint32)
         counts = np.asarray([len(r[1]) for r in reports], dtype=np.uint16)
         scalars = (np.concatenate([np.asarray(r[1], np.float32) for r in reports]) if reports
@@ -107,7 +111,9 @@ class Broadcast:
             if not all(len(r) > 2 and r[2] is not None for r in reports):
                 raise ValueError("a broadcast's reports either all carry candidate indices or none does")
             indices = np.concatenate([np.asarray(r[2], np.uint16) for r in reports])
-        return cls(round_, clients, counts, scalars, indices)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32)
+        return cls(round_, clients, counts, scalars, indices, weights)
 
     def entries(self) -> list[tuple]:
         """(client, scalars) pairs in order; (client, scalars, indices) triples when the round sampled
@@ -122,7 +128,7 @@ class Broadcast:
 @dataclass
 class Snapshot:
     version: int
-    theta: np.ndarray  # float32, the adapter's full flat parameter vector
+    theta: np.ndarray  # float32: the trained values (over the run's mask), or the adapter's full flat vector
     state: dict = field(default_factory=dict)  # optimizer arrays (float32) by name
     steps: int = 0  # the optimizer's update count
 
@@ -144,8 +150,10 @@ _FIELDS = {
 }
 # Optional fields (name -> (type, min, max, default)): encoded only when not at their default, so the messages
 # of a run that does not use them keep their bytes; a decoder that predates them refuses them (unknown field).
-_OPTIONAL = {Instruction: {"candidates": (_INT, 0, MAX_CANDIDATES, 0), "sampling": (_INT, 0, 2, 0)}}
-_OPTIONAL_ARRAYS = {Report: {"indices": ("u16", MAX_DIRECTIONS)}, Broadcast: {"indices": ("u16", MAX_ROUND_SCALARS)}}
+_OPTIONAL = {Instruction: {"candidates": (_INT, 0, MAX_CANDIDATES, 0), "sampling": (_INT, 0, 2, 0),
+                           "start": (_INT, 0, 2**32 - 1, 0), "spread": (_INT, 0, 1, 0)}}
+_OPTIONAL_ARRAYS = {Report: {"indices": ("u16", MAX_DIRECTIONS)},
+                    Broadcast: {"indices": ("u16", MAX_ROUND_SCALARS), "weights": ("f32", MAX_ROUND_SCALARS)}}
 _ARRAYS = {
     Report: {"scalars": ("f32", MAX_DIRECTIONS)},
     Broadcast: {"clients": (("b1", "d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
@@ -154,6 +162,12 @@ _ARRAYS = {
 }
 _MAX_MESSAGE = {Instruction: 4096, Report: 4096 + 6 * MAX_DIRECTIONS,
                 Broadcast: MAX_HEADER + 12 * MAX_ROUND_SCALARS, Snapshot: MAX_HEADER + 3 * 4 * MAX_SNAPSHOT_VALUES}
+
+
+def start_digest(theta: np.ndarray) -> int:
+    """A nonzero 32-bit digest (CRC-32) of a version-0 adapter's values: a joiner that replays the history from
+    its own start adapter first checks that it built the server's."""
+    return zlib.crc32(np.ascontiguousarray(theta, dtype="<f4").tobytes()) or 1
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -364,5 +378,8 @@ def _check_record(record) -> None:
             raise MessageError("Broadcast carries non-finite scalars")
         if record.indices is not None and record.indices.size != record.scalars.size:
             raise MessageError("Broadcast carries a different number of candidate indices and scalars")
+        if record.weights is not None and (record.weights.size != record.clients.size or
+                                           not np.all(np.isfinite(record.weights)) or np.any(record.weights <= 0)):
+            raise MessageError("Broadcast weights must be one positive finite number per client")
     if isinstance(record, Snapshot) and not np.all(np.isfinite(record.theta)):
         raise MessageError("Snapshot carries non-finite adapter values")

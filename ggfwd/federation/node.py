@@ -14,7 +14,6 @@ line's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,13 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base import check_gguf_file
 from ..errors import UserError
+from ..estimator import Estimator
 from ..files import atomic_write
+from ..perturbation import Perturbations
+from ..session import check_memory
+from ..tasks import load_examples, load_task
+from ..update import Replica
+from .client import Client, NeedsAdapter
+from .handshake import hello_reply, model_fingerprint, parse_run
 from .messages import Broadcast, Instruction, MessageError, Snapshot, decode, encode
 
 NODE_FILE = "node.json"
 REPLICA_FILE = "replica.npz"
-MAX_RUN_SETTINGS = 64 * 1024
 
 
 @dataclass
@@ -42,9 +48,6 @@ class NodeSettings:
     memory: str = "standard"  # how this device's session holds the model (session.MEMORY_MODES)
 
     def check(self) -> None:
-        from ..base import check_gguf_file
-        from ..session import check_memory
-
         check_memory(self.memory)
         check_gguf_file(Path(self.model), "model")
         if not Path(self.data).is_file():
@@ -75,42 +78,6 @@ class NodeSettings:
             raise UserError(f"node settings {path} cannot be read: {exc}") from None
 
 
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """Size and SHA-256 of the first and last MiB: enough to tell two different GGUFs apart cheaply."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return f"{size}:{h.hexdigest()[:32]}"
-
-
-def parse_run(text) -> dict:
-    """The run settings a server sends (`remote.run_settings` as JSON), bounded and checked."""
-    from ..inputs import RunInputs
-    from ..trainer import TrainConfig
-
-    if not isinstance(text, str) or len(text) > MAX_RUN_SETTINGS:
-        raise MessageError("run settings are missing or too long")
-    try:
-        run = json.loads(text)
-        config = TrainConfig.from_dict(run["config"])
-        inputs = RunInputs(model="", data="", **{k: run["inputs"][k] for k in
-                                                  ("task", "min_words", "rank", "alpha", "targets", "max_tokens")})
-        fingerprint = str(run["model"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MessageError(f"run settings are malformed: {exc}") from None
-    config.check()
-    # The key names the run a kept replica belongs to. It leaves out the step count, the one setting a resumed
-    # run may change: a replica of version v is the same whatever the run's length, so a node keeps it (and
-    # catches up from broadcasts) when the server resumes with more --rounds.
-    identity = {**run, "config": {k: v for k, v in run["config"].items() if k != "steps"}}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
-    return {"config": config, "inputs": inputs, "model": fingerprint, "key": key}
-
-
 class Node:
     def __init__(self, settings_path: str | os.PathLike):
         self.settings = NodeSettings.read(settings_path)
@@ -136,9 +103,6 @@ class Node:
 
     # ----------------------------------------------------------------- messages
     def hello(self, run_text) -> bytes:
-        from ..tasks import load_examples, load_task
-        from .remote import hello_reply
-
         run = parse_run(run_text)
         client, arrays = self._held(run["key"])
         version = int(arrays["version"]) if arrays is not None else None
@@ -148,12 +112,6 @@ class Node:
 
     def train(self, run_text, payload: list) -> tuple[str, list[bytes]]:
         """("report", [report]) or ("need", []): the node cannot reach the instructed adapter version."""
-        from ..cli.train import session_settings
-        from ..estimator import Estimator
-        from ..perturbation import Perturbations
-        from ..update import Replica
-        from .client import Client, NeedsAdapter
-
         run = parse_run(run_text)
         messages = [decode(m) for m in payload]
         if not messages or not isinstance(messages[-1], Instruction) or \
@@ -170,7 +128,7 @@ class Node:
         inputs.model, inputs.data = self.settings.model, self.settings.data
         inputs.task = self.settings.task or inputs.task
         inputs.memory = self.settings.memory  # a device's own choice: its scalars are its own estimates
-        with session_settings(inputs, self.settings.threads).open(inputs.model) as session:
+        with inputs.session_settings(self.settings.threads).open(inputs.model) as session:
             train, _, adapter = inputs.load(session, c.seed)
             perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
             estimator = Estimator(session, perturbations, c.eps, c.directions, c.scheme, c.normalize)
@@ -180,7 +138,10 @@ class Node:
             if arrays is not None and held_client == instruction.client:
                 replica = Replica(adapter.params, perturbations.index, c.update_rule())
                 replica.load_state_dict(arrays)
-            client = Client(instruction.client, train, estimator, c.seed, c.update_rule(), c.clip, replica=replica)
+            client = Client(instruction.client, train, estimator, c.seed, c.update_rule(), c.clip, replica=replica,
+                            start=adapter.params)
+            client.track = instruction.candidates > 0
+            client.check_start(instruction)
             have = client.version
             todo = [m for m in messages[:-1] if not (isinstance(m, Broadcast) and have is not None and m.round < have)]
             try:

@@ -29,12 +29,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..adapter import LoraAdapter
 from ..errors import UserError
-from ..trainer import Trainer
-from .messages import MessageError, Snapshot, decode
+from ..inputs import RunInputs
+from ..tasks import load_examples, load_task, tokenize_examples
+from ..trainer import TrainConfig, Trainer
+from .handshake import parse_hello, run_settings  # noqa: F401  (run_settings re-exported for the tests)
+from ..estimator import WEIGHTINGS
+from .history import History
+from .messages import MessageError, Snapshot, decode, start_digest
 from .server import Server
 
-MAX_HELLO = 1024  # bytes of a node's hello reply
 REPLY_KINDS = ("hello", "report", "need", "error")
 
 
@@ -43,9 +48,10 @@ class RemoteConfig:
     clients: int = 100  # client ids 0 .. clients-1 that nodes may hold (selection draws over all of them)
     clients_per_round: int = 4
     deadline: float = 300.0  # wall-clock seconds a round waits for reports
-    max_lag: int = 10  # rounds a node may miss and still catch up from broadcasts
+    max_lag: int = 1000  # most rounds a node replays from the history (when fewer bytes than a snapshot)
     min_nodes: int = 1  # nodes to wait for before the first round
     wait: float = 600.0  # seconds to wait for them
+    weighting: str = "equal"  # clients' weights in an update (estimator.client_weights)
 
     def check(self) -> None:
         if self.clients < 1:
@@ -56,6 +62,8 @@ class RemoteConfig:
             raise UserError(f"--deadline must be a positive number of seconds, got {self.deadline}")
         if self.max_lag < 0:
             raise UserError(f"--max-lag must be >= 0, got {self.max_lag}")
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'")
         if not 1 <= self.min_nodes <= self.clients:
             raise UserError(f"--min-nodes must lie in [1, {self.clients}], got {self.min_nodes}")
         if not self.wait >= 0:
@@ -78,40 +86,6 @@ class Member:
     examples: int = 0
 
 
-def run_settings(config, inputs) -> str:
-    """What every node needs to take part, as JSON: the training settings, the model-side inputs (not the
-    server's file paths) and the model's fingerprint (a node with another model refuses to train)."""
-    from .node import model_fingerprint
-
-    keep = ("task", "min_words", "rank", "alpha", "targets", "max_tokens")
-    return json.dumps({"config": asdict(config), "inputs": {k: getattr(inputs, k) for k in keep},
-                       "model": model_fingerprint(inputs.model)}, sort_keys=True, separators=(",", ":"))
-
-
-def hello_reply(client: int | None, version: int | None, profile: str, examples: int) -> bytes:
-    return json.dumps({"client": -1 if client is None else client, "version": -1 if version is None else version,
-                       "profile": profile, "examples": examples}, separators=(",", ":")).encode()
-
-
-def parse_hello(data) -> dict:
-    """A node's hello, bounded and typed; MessageError otherwise."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_HELLO:
-        raise MessageError("hello is not bytes of at most 1 KiB")
-    try:
-        hello = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise MessageError("hello is not JSON") from None
-    if not isinstance(hello, dict) or set(hello) != {"client", "version", "profile", "examples"}:
-        raise MessageError("hello has other fields than client, version, profile, examples")
-    for key, hi in (("client", 2**32 - 1), ("version", 2**40), ("examples", 2**40)):
-        v = hello[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v <= hi:
-            raise MessageError(f"hello.{key} is not an integer in [-1, {hi}]")
-    if not isinstance(hello["profile"], str) or len(hello["profile"]) > 64:
-        raise MessageError("hello.profile is not a name of at most 64 characters")
-    return hello
-
-
 class RemoteFederation(Trainer):
     """`Trainer` whose step is a round over remote nodes. `train_data` is unused (the nodes hold the data)."""
 
@@ -125,7 +99,9 @@ class RemoteFederation(Trainer):
 
     def setup(self) -> None:
         c = self.config
-        self.server = Server(self.replica, self.perturbations, c.clip, self.remote.max_lag)
+        self.server = Server(self.replica, self.perturbations, c.clip, self.remote.max_lag, self.remote.weighting,
+                             {}, History(self.rundir))
+        self.start_digest = start_digest(self.adapter.params)
         self.members: dict[int, Member] = {}  # node id -> member
         self.refused_nodes: dict[int, str] = {}
 
@@ -208,14 +184,17 @@ class RemoteFederation(Trainer):
         requests, down, snap_bytes, snapshots = {}, {}, 0, 0
         for client in selected:
             node = node_of[client]
-            catch_up = self.server.catch_up(self.members[node].version)
-            instruction = self.server.instruct(r, client, c.directions, c.batch_size, c.eps, self.remote.deadline)
+            version = self.members[node].version
+            catch_up = self.server.catch_up(version)
+            instruction = self.server.instruct(r, client, c.directions, c.batch_size, c.eps, self.remote.deadline,
+                                               start=self.start_digest if version is None else 0,
+                                               spread=int(c.spread == "batches"))
             requests[node] = catch_up + [instruction]
         replies, sent = self.transport.exchange("train", requests, max(0.0, end - time.monotonic()))
         # nodes that cannot reach the instructed version get the adapter and the instruction again
         need = [n for n, rep in replies.items() if rep.kind == "need"]
         if need:
-            again = {n: [self.server.catch_up(None)[0], requests[n][-1]] for n in need}
+            again = {n: [self.server.snapshot(), requests[n][-1]] for n in need}
             for n in need:
                 self.log(f"round {r}: node {n} (client {self.members[n].client}) asked for the adapter")
                 requests[n] = requests[n] + again[n]
@@ -253,11 +232,13 @@ class RemoteFederation(Trainer):
             tokens += report.tokens
             losses.append(report.loss)
             scalars[str(client)] = [float(x) for x in report.scalars]
+        self.server.examples = {m.client: m.examples for m in self.members.values()}  # for --weighting examples
         _, agg, reason = self.server.close_round(r, accepted)
         k.bytes_up += up
         k.bytes_down += sum(down.values())
         record = {"step": r + 1, "nodes": len(self.members), "selected": selected,
-                  "accepted": [cs[0] for cs in accepted], "scalars": scalars, "lr": self.replica.optimizer.lr_at(r),
+                  "accepted": [cs[0] for cs in accepted], "scalars": scalars,
+                  "lr": self.replica.optimizer.lr_at(r) * self.replica.rule.lr_scale(agg.effective),
                   "eps": c.eps, "bytes_up": up, "bytes_down": sum(down.values()), "snapshot_bytes": snap_bytes,
                   "snapshots": snapshots, "wire_up": {str(i): v for i, v in wire_up.items()},
                   "wire_down": {str(i): v for i, v in wire_down.items()},
@@ -279,7 +260,9 @@ class RemoteFederation(Trainer):
         state = self.run_dir.read_state()
         if state.get("kind") != self.KIND:
             raise UserError(f"{self.rundir} holds a '{state.get('kind', 'train')}' run, not a Flower federation")
-        return super().resume()  # nodes are greeted again; the server's broadcast history starts empty
+        step = super().resume()  # nodes are greeted again and catch up from the history kept in the run folder
+        self.server.history.load(step)
+        return step
 
 
 # ----------------------------------------------------------------------------- the ServerApp's body
@@ -311,17 +294,11 @@ def run_server(rundir, transport) -> None:
 
 
 def _serve(rundir, transport, log) -> None:
-    from ..adapter import LoraAdapter
-    from ..cli.train import session_settings
-    from ..inputs import RunInputs
-    from ..tasks import load_examples, load_task, tokenize_examples
-    from ..trainer import TrainConfig
-
     spec = json.loads((rundir / SERVE_FILE).read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(spec["config"])
     inputs = RunInputs.from_dict(spec["inputs"])
     remote = RemoteConfig(**spec["remote"])
-    with session_settings(inputs, spec.get("threads")).open(inputs.model) as session:
+    with inputs.session_settings(spec.get("threads")).open(inputs.model) as session:
         task = load_task(inputs.task)
         evaluation = None
         if inputs.eval_data:

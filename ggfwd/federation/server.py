@@ -5,31 +5,38 @@ this round's instruction to that client (round, version, client, direction count
 accepted reports, ordered by client, form the round's `Broadcast`; the server applies it with `update.advance`
 (aggregate from seeds and scalars, then the update), exactly as every client replays it.
 
-A client at version v needs the broadcasts of rounds v .. now-1, which the server keeps for `max_lag` rounds;
-a client further behind, or one that has never joined, is sent a `Snapshot` instead (adapter values and
-optimizer state). Both are counted as the client's download bytes.
+Clients are weighted by `weighting` (`estimator.client_weights`: equal, by training examples, or by directions);
+the weights travel in the broadcast when they are not equal, so every replica aggregates alike.
+
+A client at version v needs the broadcasts of rounds v .. now-1; one that never joined needs those of rounds
+0 .. now-1 and builds version 0 itself. The server keeps every round's broadcast (`History`, also in the run
+folder) and sends the missed ones when they are at most `max_lag` rounds and fewer bytes than a `Snapshot` (the
+trained values and optimizer state), which it sends otherwise. Both are counted as the client's download bytes.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
+from ..estimator import client_weights
 from ..sampling import check_indices
 from ..update import Replica, advance
 from .client import snapshot_of
+from .history import History
 from .messages import Broadcast, Instruction, MessageError, Report, decode, encode
 
 
 class Server:
-    def __init__(self, replica: Replica, perturbations, clip: float = 0.0, max_lag: int = 10):
+    def __init__(self, replica: Replica, perturbations, clip: float = 0.0, max_lag: int = 1000,
+                 weighting: str = "equal", examples=None, history: History | None = None):
         if max_lag < 0:
             raise ValueError("max_lag must be >= 0")
         self.replica, self.perturbations = replica, perturbations
         self.clip, self.max_lag = clip, max_lag
-        self._history: OrderedDict[int, bytes] = OrderedDict()  # round -> encoded Broadcast
+        self.weighting, self.examples = weighting, examples  # examples: client id -> training examples
+        self.history = history if history is not None else History()  # load it when resuming (History.load)
         self._expected: dict[int, Instruction] = {}  # this round's instructions by client
+        self._snapshot: tuple[int, bytes] | None = None  # (version, encoded snapshot), made when first needed
 
     @property
     def version(self) -> int:
@@ -38,23 +45,35 @@ class Server:
     # ----------------------------------------------------------------- downlink
     def catch_up(self, client_version: int | None) -> list[bytes]:
         """The messages that bring a client at `client_version` (None: never joined) to the current version:
-        the missed broadcasts, or a snapshot when it is too far behind or the broadcasts are gone."""
+        the missed broadcasts (from round 0 for a joiner), or a snapshot when they are gone, more than `max_lag`
+        rounds or more bytes than the snapshot."""
         now = self.version
         if client_version is not None and client_version > now:
-            client_version = None  # a client ahead of the server (e.g. after a server restart): resend the state
-        if client_version is not None and now - client_version <= self.max_lag and \
-                all(r in self._history for r in range(client_version, now)):
-            return [self._history[r] for r in range(client_version, now)]
-        return [encode(snapshot_of(self.replica))]
+            client_version = None  # a client ahead of the server (e.g. after a server restart): start it again
+        start = 0 if client_version is None else client_version
+        held = self.history.end == now and now - start <= self.max_lag
+        missed = self.history.since(start) if held else None
+        if missed is not None and (not missed or sum(map(len, missed)) < len(self.snapshot())):
+            return list(missed)  # nothing at all for a joiner at version 0: it starts from its own adapter
+        return [self.snapshot()]
+
+    def snapshot(self) -> bytes:
+        """The encoded snapshot of the current version (made once per version)."""
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = (self.version, encode(snapshot_of(self.replica)))
+        return self._snapshot[1]
 
     def instruct(self, round_: int, client: int, directions: int, batch_size: int, eps: float,
-                 deadline: float = float("inf"), candidates: int = 0, sampling: int = 0) -> bytes:
+                 deadline: float = float("inf"), candidates: int = 0, sampling: int = 0, start: int = 0,
+                 spread: int = 0) -> bytes:
         """The instruction for `client` this round. `candidates` > 0 with `sampling` (ggfwd.sampling.CODES):
-        the client chooses its directions among that many candidates and reports their indices."""
+        the client chooses its directions among that many candidates and reports their indices. `start`: for a
+        joiner, the digest of the version-0 adapter it must have built (`messages.start_digest`). `spread` 1: a
+        batch of the client's data per direction."""
         if round_ != self.version:
             raise ValueError(f"server is at version {self.version}, cannot instruct round {round_}")
         instruction = Instruction(round_, self.version, client, directions, batch_size, eps, deadline,
-                                  candidates, sampling)
+                                  candidates, sampling, start, spread)
         self._expected[client] = instruction
         return encode(instruction)
 
@@ -90,11 +109,13 @@ class Server:
         """Apply the round from the accepted reports. Returns (encoded broadcast, Aggregate, rejection reason)."""
         if round_ != self.version:
             raise ValueError(f"server is at version {self.version}, cannot close round {round_}")
-        broadcast = Broadcast.of(round_, sorted(accepted, key=lambda cs: cs[0]))
+        reports = sorted(accepted, key=lambda cs: cs[0])
+        broadcast = Broadcast.of(round_, reports, client_weights(self.weighting, reports, self.examples))
         data = encode(broadcast)
-        agg, reason = advance(self.replica, self.perturbations, round_, broadcast.entries(), self.clip)
-        self._history[round_] = data
-        while len(self._history) > self.max_lag:
-            self._history.popitem(last=False)
+        agg, reason = advance(self.replica, self.perturbations, round_, broadcast.entries(), self.clip,
+                              broadcast.weights)
+        if self.history.end != round_:  # resumed without loading the history: it restarts here
+            self.history.reset(round_)
+        self.history.append(round_, data)
         self._expected.clear()
         return data, agg, reason

@@ -27,12 +27,13 @@ import numpy as np
 
 from .. import sampling
 from ..errors import UserError
-from ..estimator import passes_per_step
+from ..estimator import WEIGHTINGS, passes_per_step
 from ..trainer import Trainer
 from .allocation import ALLOCATIONS, PACINGS, Cost, MissWeights, VariancePacer, allocate
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
-from .messages import MAX_CANDIDATES, MAX_DIRECTIONS, MessageError, Snapshot, decode, encode
+from .history import History
+from .messages import MAX_CANDIDATES, MAX_DIRECTIONS, MessageError, Snapshot, decode, encode, start_digest
 from .partition import parse_spec, partition
 from .server import Server
 
@@ -50,7 +51,8 @@ class FedConfig:
     default_device: str = "laptop-x86"
     partition: str = "dirichlet:0.5"
     deadline: float = 0.0  # simulated seconds per round; 0: wait for every selected client
-    max_lag: int = 10  # rounds a client may miss and still catch up from broadcasts
+    max_lag: int = 1000  # most rounds a client replays from broadcasts (when fewer bytes than a snapshot)
+    weighting: str = "equal"  # clients' weights in a round's update: equal | examples | directions
     dropout: float = 0.0  # chance that a selected, online client drops mid-round
     hostile: str = ""  # "N:KIND": the last N clients misbehave (KIND: scale, nan, signs)
     # Time-to-accuracy (see allocation.py and sampling.py); the defaults keep the plain federation.
@@ -74,6 +76,8 @@ class FedConfig:
             raise UserError(f"--deadline must be >= 0 seconds, got {self.deadline}")
         if self.max_lag < 0:
             raise UserError(f"--max-lag must be >= 0, got {self.max_lag}")
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
         self.hostile_clients()
@@ -141,6 +145,8 @@ class Federation(Trainer):
     def __init__(self, session, adapter, train_data, config, rundir, eval_data=None, inputs=None,
                  calibration=None, *, fed: FedConfig, profiles: list, model_stats):
         fed.check()
+        if config.spread == "batches" and fed.sampling != "random":
+            raise UserError("--spread batches scores random directions: it cannot be combined with --sampling")
         if len(profiles) != fed.clients:
             raise ValueError("one profile per client")
         self.fed, self.profiles, self.model_stats = fed, profiles, model_stats
@@ -152,9 +158,13 @@ class Federation(Trainer):
         self.parts = partition(f.partition, labels, len(self.train_data), f.clients, c.seed)
         # The clients take turns on the one loaded model, so they can share the estimator's buffers; their data,
         # replicas and seeds stay their own.
-        self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, c.update_rule(), c.clip)
-                        for i, part in enumerate(self.parts)]
-        self.server = Server(self.replica, self.perturbations, c.clip, f.max_lag)
+        self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, c.update_rule(), c.clip,
+                               start=self.adapter.params) for i, part in enumerate(self.parts)]
+        for client in self.clients:
+            client.track = f.sampling != "random"
+        self.start_digest = start_digest(self.adapter.params)
+        self.server = Server(self.replica, self.perturbations, c.clip, f.max_lag, f.weighting,
+                             {i: len(part) for i, part in enumerate(self.parts)}, History(self.rundir))
         self.hostile, self.hostile_kind = f.hostile_clients()
         base = f.target or f.clients_per_round * c.directions
         self.pacer = VariancePacer(base, max(base, f.pacing_max)) if f.pacing == "variance" else None
@@ -185,9 +195,10 @@ class Federation(Trainer):
         online, selected, drops = self.select(r)
         catch_ups = {i: self.server.catch_up(self.clients[i].version) for i in selected}
         counts, deadline, plan = self.allocate(r, selected, catch_ups, deadline)
-        accepted, times, events = [], [], {"dropped": [], "late": [], "refused": {}, "snapshots": 0, "skipped": []}
+        accepted, times, events = [], [], {"dropped": [], "late": [], "refused": {}, "snapshots": 0, "skipped": [],
+                                           "joined": 0, "join_snapshots": 0}
         losses, passes, tokens, up, down, clients_scalars, client_seconds = [], 0, 0, 0, 0, {}, {}
-        snapshot_bytes = 0
+        snapshot_bytes, join_bytes, join_max = 0, 0, 0
         candidates = (min(f.candidates, MAX_CANDIDATES), sampling.CODES[f.sampling]) if f.sampling != "random" else (0, 0)
         for i in selected:
             client, profile = self.clients[i], self.profiles[i]
@@ -195,13 +206,21 @@ class Federation(Trainer):
                 events["skipped"].append(i)
                 continue
             catch_up = catch_ups[i]
-            instruction = self.server.instruct(r, i, counts[i], c.batch_size, c.eps, deadline, *candidates)
+            start = self.start_digest if client.version is None else 0
+            instruction = self.server.instruct(r, i, counts[i], c.batch_size, c.eps, deadline, *candidates, start,
+                                               spread=int(c.spread == "batches"))
             down_bytes = sum(map(len, catch_up)) + len(instruction)
             down += down_bytes
             messages = [decode(m) for m in catch_up]
             snapshots = [len(raw) for raw, m in zip(catch_up, messages) if isinstance(m, Snapshot)]
             events["snapshots"] += len(snapshots)
-            snapshot_bytes += sum(snapshots)
+            if client.version is None:  # a joiner: the history of broadcasts, or a snapshot
+                events["joined"] += 1
+                events["join_snapshots"] += len(snapshots)
+                join_bytes += sum(map(len, catch_up))
+                join_max = max(join_max, sum(map(len, catch_up)))
+            else:  # a client too far behind to replay
+                snapshot_bytes += sum(snapshots)
             try:
                 client.sync(messages)
             except NeedsAdapter:  # cannot happen with a consistent server; kept as the protocol says
@@ -241,9 +260,11 @@ class Federation(Trainer):
         k.sim_seconds += seconds
         record = {"step": r + 1, "round_seconds": seconds, "sim_seconds": round(k.sim_seconds, 4),
                   "online": len(online), "selected": selected, "accepted": [cs[0] for cs in accepted],
-                  "scalars": clients_scalars, "lr": self.replica.optimizer.lr_at(r), "eps": c.eps,
+                  "scalars": clients_scalars, "eps": c.eps, "effective_directions": round(agg.effective, 4),
+                  "lr": self.replica.optimizer.lr_at(r) * self.replica.rule.lr_scale(agg.effective),
                   "client_seconds": client_seconds, "bytes_up": up, "bytes_down": down,
-                  "snapshot_bytes": snapshot_bytes, "clipped": agg.clipped,
+                  "snapshot_bytes": snapshot_bytes, "join_bytes": join_bytes,
+                  "join_max": join_max, "clipped": agg.clipped,
                   **{key: v for key, v in events.items() if v}, **plan}
         if losses:
             record["loss"] = float(np.mean(losses))
@@ -318,7 +339,8 @@ class Federation(Trainer):
         saved, defaults = state.get("federation") or {}, asdict(FedConfig())
         if any(saved.get(k, defaults[k]) != v for k, v in asdict(self.fed).items()) or set(saved) - set(defaults):
             raise UserError("a resumed federation keeps its settings (--clients, --devices, --partition, ...)")
-        step = super().resume()  # clients restart empty and rejoin by snapshot
+        step = super().resume()  # clients restart empty and rejoin by replaying the history (or a snapshot)
+        self.server.history.load(step)
         if self.pacer is not None:
             self.pacer.load(state["pacer"])
         if self.misses is not None:
@@ -327,12 +349,18 @@ class Federation(Trainer):
 
 
 def traffic(records: list[dict]) -> dict:
-    """Mean bytes per instructed client and round, up and down (snapshots apart), from a run's metrics."""
+    """From a run's metrics: mean bytes per instructed client and round, up and down (joins and snapshots
+    apart); how many clients joined and the mean and largest bytes a join cost (the history of broadcasts, or
+    a snapshot); snapshots sent to clients too far behind to replay, and their mean size."""
     rounds = [r for r in records if r.get("step", 0) > 0 and "selected" in r]
     instructed = sum(len(r["selected"]) for r in rounds) or 1
     reports = sum(len(r["client_seconds"]) for r in rounds) or 1
     snapshot_bytes = sum(r.get("snapshot_bytes", 0) for r in rounds)
-    snapshots = sum(r.get("snapshots", 0) for r in rounds)
+    join_bytes = sum(r.get("join_bytes", 0) for r in rounds)
+    joined = sum(r.get("joined", 0) for r in rounds)
+    rejoins = sum(r.get("snapshots", 0) for r in rounds) - sum(r.get("join_snapshots", 0) for r in rounds)
     return {"up": sum(r["bytes_up"] for r in rounds) / reports,
-            "down": (sum(r["bytes_down"] for r in rounds) - snapshot_bytes) / instructed,
-            "snapshots": snapshots, "snapshot_bytes": snapshot_bytes / max(1, snapshots)}
+            "down": (sum(r["bytes_down"] for r in rounds) - snapshot_bytes - join_bytes) / instructed,
+            "joined": joined, "join_bytes": join_bytes / max(1, joined),
+            "join_max": max((r.get("join_max", 0) for r in rounds), default=0),
+            "snapshots": rejoins, "snapshot_bytes": snapshot_bytes / max(1, rejoins)}
