@@ -186,11 +186,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- analysis
-def analyse(folder: Path, targets: list[float]) -> dict:
+def analyse(folder: Path, targets: list[float], n: int, part: str, seed: int) -> dict:
+    """A run's figures; a run that was stopped before its end (no bench.json) is reported as far as it got."""
     from ggfwd.federation.simulate import traffic
     from ggfwd.rundir import read_metrics
 
-    done = json.loads((folder / "bench.json").read_text())
+    finished = (folder / "bench.json").is_file()
+    done = json.loads((folder / "bench.json").read_text()) if finished else \
+        {"n": n, "partition": part, "seed": seed, "wall_seconds": float("nan")}
     records = read_metrics(folder)
     rounds = [r for r in records if r.get("step", 0) > 0]
     evals = [(r.get("sim_seconds", 0.0), r["forward_passes"], r["step"], r["eval_accuracy"])
@@ -201,7 +204,7 @@ def analyse(folder: Path, targets: list[float]) -> dict:
         reach[t] = None if hit is None else {"sim_seconds": hit[0], "passes": hit[1], "rounds": hit[2]}
     b = traffic(records)
     last = evals[-1] if evals else (0.0, 0, 0, float("nan"))
-    return {"label": folder.name, "n": done["n"], "partition": done["partition"], "seed": done["seed"],
+    return {"label": folder.name + ("" if finished else " (stopped)"), "n": done["n"], "partition": done["partition"], "seed": done["seed"],
             "reach": reach, "evals": evals, "best": max((e[3] for e in evals), default=float("nan")),
             "final": {"accuracy": last[3], "passes": last[1], "rounds": last[2]},
             "round_seconds": sum(r["round_seconds"] for r in rounds) / max(1, len(rounds)),
@@ -210,8 +213,8 @@ def analyse(folder: Path, targets: list[float]) -> dict:
 
 
 def report(args) -> list[dict]:
-    results = [analyse(args.out / name, args.targets) for name, _, _, _ in plan(args)
-               if (args.out / name / "bench.json").is_file()]
+    results = [analyse(args.out / name, args.targets, n, part, seed) for name, n, part, seed in plan(args)
+               if (args.out / name / "bench.json").is_file() or (args.out / name / "state.json").is_file()]
     if not results:
         raise SystemExit(f"no finished runs in {args.out}")
     ts = args.targets

@@ -87,7 +87,7 @@ def test_one_client_federation_is_ggfwd_train_bitwise(tiny, tmp_path, weighting)
     (tmp_path / "train").mkdir()
     single = Trainer(tiny["session"], adapter, train, cfg, tmp_path / "train", evaluation, tiny["inputs"])
     single.run()
-    assert [r["lr"] for r in single.run_dir.read_metrics() if r["step"] > 0] == [2 * cfg.lr] * 6  # linear: 2 x
+    assert [r["lr"] for r in single.run_dir.read_metrics() if r["step"] > 0] == [2 ** 0.5 * cfg.lr] * 6  # auto: sqrt
     fed = federation(tiny, tmp_path / "fed", cfg, ["fast"], clients_per_round=1, weighting=weighting)
     fed.run()
     assert fed.counters.step == single.counters.step == 6 and fed.counters.applied == 6
@@ -161,10 +161,10 @@ def test_a_client_that_missed_five_rounds_replays_them(tiny, tmp_path):
 
 
 def test_round_steps_scale_with_the_clients_and_weights_travel_in_the_broadcast(tiny, tmp_path):
-    """4 clients of 1 direction at equal weights step at 4 x the base rate; weighted by examples (a count
-    partition of unequal sizes) the broadcast carries the weights, every replica aggregates alike, and the
-    step scales with the effective number of directions (fewer than 4)."""
-    cfg = config(steps=3, eval_every=0)
+    """4 clients of 1 direction at equal weights step at 4 x the base rate (linear scaling); weighted by examples
+    (a count partition of unequal sizes) the broadcast carries the weights, every replica aggregates alike, and
+    the step scales with the effective number of directions (fewer than 4)."""
+    cfg = config(steps=3, eval_every=0, lr_scaling="linear")
     equal = federation(tiny, tmp_path / "equal", cfg, ["fast"] * 4, clients_per_round=4)
     equal.run()
     rounds = [r for r in equal.run_dir.read_metrics() if r["step"] > 0]
