@@ -218,7 +218,7 @@ def report(args) -> list[dict]:
     if not results:
         raise SystemExit(f"no finished runs in {args.out}")
     ts = args.targets
-    print(f"SST-2 dev (first {args.eval_limit} rows) at about {args.eval_passes} training passes; {args.clients} clients "
+    print(f"{args.task} evaluation rows (first {args.eval_limit}) at about {args.eval_passes} training passes; {args.clients} clients "
           f"on {args.device}; base lr {args.lr}, --lr-scaling {args.lr_scaling}, --weighting {args.weighting}. "
           "Per target: simulated seconds / forward passes / rounds ('-': not reached)")
     print(f"| run | lr | " + " | ".join(f"to {t:.0%}" for t in ts) + " | best | last | up B | down B | join B |")

@@ -200,19 +200,22 @@ def mean(xs) -> float:
 
 def summarize(flower: list[dict], local: list[dict], equal: bool, flower_seconds: float) -> dict:
     rounds = [r for r in flower if r.get("step", 0) > 0]
-    steady = [r for r in rounds if r["snapshots"] == 0]
+    steady = [r for r in rounds if r["snapshots"] == 0 and not r.get("joiners")]
     per_node = lambda rs, key: [v for r in rs for v in r[key].values()]
     down_payload = [(r["bytes_down"] - r["snapshot_bytes"]) / len(r["selected"]) for r in steady]
     up_payload = [r["bytes_up"] / max(1, len(r["accepted"])) for r in rounds]
-    joins = [r for r in rounds if r["snapshots"]]
+    joins = [r for r in rounds if r.get("joiners")]
+    snaps = [r for r in rounds if r["snapshots"]]
     local_rounds = [r for r in local if r.get("step", 0) > 0]
     local_seconds = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + local_rounds, local_rounds)]
     return {
         "rounds": len(rounds), "bitwise_equal": equal,
         "up_record": mean(up_payload), "up_wire": mean(per_node(rounds, "wire_up")),
         "down_records": mean(down_payload), "down_wire": mean(per_node(steady, "wire_down")) if steady else None,
-        "join_records": mean(r["snapshot_bytes"] / r["snapshots"] for r in joins) if joins else None,
-        "join_wire": mean(max(r["wire_down"].values()) for r in joins) if joins else None,
+        "joins": sum(len(r["joiners"]) for r in joins),
+        "join_records": mean(r["join_bytes"] / len(r["joiners"]) for r in joins) if joins else None,
+        "join_wire": mean(r["wire_down"][str(c)] for r in joins for c in r["joiners"]) if joins else None,
+        "snapshot_records": mean(r["snapshot_bytes"] / r["snapshots"] for r in snaps) if snaps else None,
         "flower_round_s": mean(r["round_seconds"] for r in rounds),
         "flower_first_round_s": rounds[0]["round_seconds"] if rounds else None,
         "flower_later_round_s": mean(r["round_seconds"] for r in rounds[1:]) if len(rounds) > 1 else None,
@@ -229,8 +232,11 @@ def report(s: dict, args) -> None:
     if s["down_wire"] is not None:
         print(f"| down: instruction + missed broadcasts | {s['down_records']:.0f} | {s['down_wire']:.0f} |")
     if s["join_wire"] is not None:
-        print(f"| down, once per joining node: snapshot + instruction | {s['join_records']:.0f} (snapshot) | "
-              f"{s['join_wire']:.0f} |")
+        print(f"| down, once per joining node ({s['joins']}): missed broadcasts + instruction | "
+              f"{s['join_records']:.0f} (history) | {s['join_wire']:.0f} |")
+    if s["snapshot_records"] is not None:
+        print(f"| down, a node that asked for the adapter: snapshot of the trained values | "
+              f"{s['snapshot_records']:.0f} | - |")
     print(f"round wall seconds: flower {s['flower_round_s']:.2f} (first {s['flower_first_round_s']:.2f}, later "
           f"{s['flower_later_round_s']:.2f}), in-process {s['in_process_round_s']:.2f}; Flower adds "
           f"{s['flower_round_s'] - s['in_process_round_s']:.2f} s per round")

@@ -181,11 +181,14 @@ class RemoteFederation(Trainer):
         self.admit()
         selected = self.select(r)
         node_of = {m.client: node for node, m in self.members.items()}
-        requests, down, snap_bytes, snapshots = {}, {}, 0, 0
+        requests, down, snap_bytes, snapshots, joiners, join_bytes = {}, {}, 0, 0, [], {}
         for client in selected:
             node = node_of[client]
             version = self.members[node].version
             catch_up = self.server.catch_up(version)
+            if version is None:  # a joiner: the history of broadcasts (nothing at round 0), or a snapshot
+                joiners.append(client)
+                join_bytes[client] = sum(map(len, catch_up))
             instruction = self.server.instruct(r, client, c.directions, c.batch_size, c.eps, self.remote.deadline,
                                                start=self.start_digest if version is None else 0,
                                                spread=int(c.spread == "batches"))
@@ -240,7 +243,8 @@ class RemoteFederation(Trainer):
                   "accepted": [cs[0] for cs in accepted], "scalars": scalars,
                   "lr": self.replica.optimizer.lr_at(r) * self.replica.rule.lr_scale(agg.effective),
                   "eps": c.eps, "bytes_up": up, "bytes_down": sum(down.values()), "snapshot_bytes": snap_bytes,
-                  "snapshots": snapshots, "wire_up": {str(i): v for i, v in wire_up.items()},
+                  "snapshots": snapshots, "joiners": joiners, "join_bytes": sum(join_bytes.values()),
+                  "wire_up": {str(i): v for i, v in wire_up.items()},
                   "wire_down": {str(i): v for i, v in wire_down.items()},
                   "round_seconds": round(time.perf_counter() - wall, 4), "clipped": agg.clipped}
         if lost:
