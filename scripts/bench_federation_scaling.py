@@ -49,7 +49,7 @@ def parse(argv):
     p.add_argument("--per-round", default="1,2,4,8,16")
     p.add_argument("--partitions", default="iid,dir")
     p.add_argument("--weighting", default="equal")
-    p.add_argument("--lr-scaling", default="linear")
+    p.add_argument("--lr-scaling", default="linear", help="one rule or several, comma-separated (linear,sqrt)")
     p.add_argument("--lr-scale-max", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=0, help="rounds of linear warm-up of the step size")
     p.add_argument("--directions", type=int, default=1, help="per client and round")
@@ -78,6 +78,7 @@ def parse(argv):
     args.per_round = [int(n) for n in str(args.per_round).split(",")]
     args.eval_passes = sorted({int(p) for p in str(args.eval_passes).split(",")})
     args.partitions = args.partitions.split(",")
+    args.lr_scalings = args.lr_scaling.split(",")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
     args.plot = args.plot or args.out / "scaling.png"
@@ -89,19 +90,20 @@ def parse(argv):
     return args
 
 
-def label(args, n: int, part: str, seed: int) -> str:
+def label(args, n: int, part: str, seed: int, scaling: str) -> str:
     extra = "" if args.weighting == "equal" else f"-{args.weighting}"
-    extra += "" if args.lr_scaling == "linear" else f"-{args.lr_scaling}"
+    extra += "" if scaling == "linear" else f"-{scaling}"
     extra += "" if not args.lr_scale_max else f"-max{args.lr_scale_max:g}"
     extra += "" if not args.warmup else f"-wu{args.warmup}"
     extra += "" if args.directions == 1 else f"-k{args.directions}"
     return f"n{n}-{part}{extra}-s{seed}"
 
 
-def plan(args) -> list[tuple[str, int, str, int]]:
-    """(label, N, partition, seed): seed by seed, N = 1 first (the baseline of each comparison)."""
-    return [(label(args, n, part, s), n, part, s) for s in args.seeds for part in args.partitions
-            for n in sorted(args.per_round)]
+def plan(args) -> list[tuple[str, int, str, int, str]]:
+    """(label, N, partition, seed, lr scaling): seed by seed, N = 1 first (the baseline of each comparison; it
+    steps at the base rate under every rule, so it is run once, under the first)."""
+    return [(label(args, n, part, s, rule), n, part, s, rule) for s in args.seeds for part in args.partitions
+            for n in sorted(args.per_round) for j, rule in enumerate(args.lr_scalings) if n > 1 or j == 0]
 
 
 # ----------------------------------------------------------------------------- running
@@ -123,14 +125,14 @@ def run_all(args) -> None:
     first_eval: dict[int, dict] = {}
     with SessionSettings(max_tokens=inputs.max_tokens, threads=args.threads).open(inputs.model) as session:
         loaded = {}
-        for name, n, part, seed in todo:
+        for name, n, part, seed, scaling in todo:
             if seed not in loaded:
                 loaded[seed] = inputs.load(session, seed)
             train, evaluation, adapter = loaded[seed]
             per_round_passes = 2 * n * args.directions
             points = sorted({math.ceil(p / per_round_passes) for p in args.eval_passes if p <= args.max_passes})
             cfg = TrainConfig(steps=points[-1], eval_every=0, batch_size=args.batch_size, lr=args.lr, eps=args.eps,
-                              seed=seed, clip=args.clip, directions=args.directions, lr_scaling=args.lr_scaling,
+                              seed=seed, clip=args.clip, directions=args.directions, lr_scaling=scaling,
                               lr_scale_max=args.lr_scale_max, warmup=args.warmup)
             fed = FedConfig(clients=args.clients, clients_per_round=n, default_device=args.device,
                             partition="iid" if part == "iid" else f"dirichlet:{args.alpha}",
@@ -153,7 +155,7 @@ def run_all(args) -> None:
                 if args.stop_at and evals and evals[-1]["eval_accuracy"] >= args.stop_at:
                     break
             done = {"n": n, "partition": part, "seed": seed, "eval_rounds": points, "settings": vars(fed),
-                    "config": {"lr": args.lr, "lr_scaling": args.lr_scaling, "lr_scale_max": args.lr_scale_max,
+                    "config": {"lr": args.lr, "lr_scaling": scaling, "lr_scale_max": args.lr_scale_max,
                                "warmup": args.warmup, "directions": args.directions, "batch_size": args.batch_size},
                     "wall_seconds": time.perf_counter() - start}
             _write_atomic(out / "bench.json", json.dumps(done, default=float))
@@ -213,7 +215,7 @@ def analyse(folder: Path, targets: list[float], n: int, part: str, seed: int) ->
 
 
 def report(args) -> list[dict]:
-    results = [analyse(args.out / name, args.targets, n, part, seed) for name, n, part, seed in plan(args)
+    results = [analyse(args.out / name, args.targets, n, part, seed) for name, n, part, seed, _ in plan(args)
                if (args.out / name / "bench.json").is_file() or (args.out / name / "state.json").is_file()]
     if not results:
         raise SystemExit(f"no finished runs in {args.out}")
@@ -228,7 +230,8 @@ def report(args) -> list[dict]:
                  f"{r['reach'][t]['sim_seconds']:.1f} s / {r['reach'][t]['passes']} / {r['reach'][t]['rounds']}"
                  for t in ts]
         f = r["final"]
-        print(f"| {r['label']} | {r['lr']:.3g} | " + " | ".join(cells) + f" | {r['best']:.1%} | {f['accuracy']:.1%} @ "
+        lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
+        print(f"| {r['label']} | {lr} | " + " | ".join(cells) + f" | {r['best']:.1%} | {f['accuracy']:.1%} @ "
               f"{f['passes']} passes | {r['bytes_up']:.0f} | {r['bytes_down']:.0f} | {r['join_bytes']:.0f} |")
     print()
     base = {(r["partition"], r["seed"]): r for r in results if r["n"] == 1}
@@ -263,9 +266,9 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
     for r in results:
         style = "-" if r["partition"] == "iid" else "--"
         ys = [100 * e[3] for e in r["evals"]]
-        tag = f"N={r['n']} {r['partition']} s{r['seed']}"
-        axes[0].plot([e[0] for e in r["evals"]], ys, style, marker="o", ms=3, color=colour[r["n"]], label=tag)
-        axes[1].plot([e[1] for e in r["evals"]], ys, style, marker="o", ms=3, color=colour[r["n"]], label=tag)
+        marker = "s" if "-sqrt" in r["label"] else "o"
+        for ax, xs in zip(axes, ([e[0] for e in r["evals"]], [e[1] for e in r["evals"]])):
+            ax.plot(xs, ys, style, marker=marker, ms=3, color=colour[r["n"]], label=r["label"])
     for ax, xl in zip(axes, ("simulated seconds (homogeneous devices)", "training forward passes (all clients)")):
         for t in targets:
             ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
@@ -273,7 +276,8 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
         ax.set_xscale("symlog", linthresh=1.0)
     axes[0].set_ylabel("accuracy on dev rows (%)")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle("N clients per round, step size scaled with N (solid: IID, dashed: Dirichlet label skew)")
+    fig.suptitle("N clients per round, step size scaled with N (solid: IID, dashed: Dirichlet label skew; "
+                 "squares: sqrt rule)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
