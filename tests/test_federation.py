@@ -165,7 +165,7 @@ def test_round_steps_scale_with_the_clients_and_weights_travel_in_the_broadcast(
     (a count partition of unequal sizes) the broadcast carries the weights, every replica aggregates alike, and
     the step scales with the effective number of directions (fewer than 4)."""
     cfg = config(steps=3, eval_every=0, lr_scaling="linear")
-    equal = federation(tiny, tmp_path / "equal", cfg, ["fast"] * 4, clients_per_round=4)
+    equal = federation(tiny, tmp_path / "equal", cfg, ["fast"] * 4, clients_per_round=4, weighting="equal")
     equal.run()
     rounds = [r for r in equal.run_dir.read_metrics() if r["step"] > 0]
     assert [r["lr"] for r in rounds] == [4 * cfg.lr] * 3 and all(r["effective_directions"] == 4 for r in rounds)

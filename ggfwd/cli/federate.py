@@ -36,7 +36,7 @@ def federate_command(
     clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online) \\[default: 4]."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all) \\[default: 0]."),
     max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Most rounds a client (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values \\[default: 1000]."),
-    weighting: Optional[str] = typer.Option(None, "--weighting", help="Clients' weights in a round's update: equal, examples (by training-set size, capped at 4x the round's median) or directions (every direction the same) \\[default: equal]."),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help="Clients' weights in a round's update: examples (by training-set size, capped at 4x the round's median), equal, or directions (every direction the same) \\[default: examples]."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded) \\[default: 0]."),
     hostile: Optional[str] = typer.Option(None, "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Directions per client: uniform (--directions each), schedule (FwdLLM's 1-3-5-10 by progress) or speed (as many as fit the round's deadline by the device profile) \\[default: uniform]."),
@@ -109,11 +109,11 @@ def _federation_config(given: dict, saved: Optional[dict]):
     from dataclasses import fields
 
     from ..errors import UserError
-    from ..federation.simulate import FedConfig
+    from ..federation.simulate import SAVED_BEFORE, FedConfig
 
     if saved is not None:
         known = {f.name for f in fields(FedConfig)}
-        fed = FedConfig(**{k: v for k, v in saved.items() if k in known})
+        fed = FedConfig(**{**SAVED_BEFORE, **{k: v for k, v in saved.items() if k in known}})
         for k, v in given.items():
             if v != getattr(fed, k):
                 raise UserError(f"--{k.replace('_', '-')} {v} differs from the run's {getattr(fed, k)}; a resumed "

@@ -170,7 +170,7 @@ def serve_command(
     wait: float = typer.Option(600.0, "--wait", help="Seconds to wait for --min-nodes nodes."),
     deadline: float = typer.Option(300.0, "--deadline", help="Seconds a round waits for reports; later ones are discarded."),
     max_lag: int = typer.Option(1000, "--max-lag", help="Most rounds a node (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values."),
-    weighting: str = typer.Option("equal", "--weighting", help="Nodes' weights in a round's update: equal, examples (by the training-set size a node reports, capped at 4x the round's median) or directions."),
+    weighting: str = typer.Option("examples", "--weighting", help="Nodes' weights in a round's update: examples (by the training-set size a node reports, capped at 4x the round's median), equal, or directions."),
     clip: Optional[float] = typer.Option(None, "--clip", help="Limit scalars to CLIP x the median client's median |s| (0: off) \\[default: 0; 5 in the demo]."),
     host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on (0.0.0.0: every interface)."),
     port: int = typer.Option(9092, "--port", help="Port of the SuperLink (nodes join HOST:PORT)."),
@@ -201,6 +201,7 @@ def serve_command(
 ):
     from ..federation.handshake import run_settings
     from ..federation.remote import RemoteConfig, SERVE_FILE
+    from ..federation.simulate import SAVED_BEFORE
     from .federate import DEMO
     from .train import _inputs_given, resolve_run
 
@@ -230,7 +231,7 @@ def serve_command(
     config, inputs = run.config, run.inputs
     inputs.data, inputs.train_limit = None, None  # the nodes hold the training data
     if run.state is not None:
-        remote = RemoteConfig(**{**run.state["remote"], "deadline": deadline, "wait": wait})
+        remote = RemoteConfig(**{**SAVED_BEFORE, **run.state["remote"], "deadline": deadline, "wait": wait})
         if min_nodes is not None:
             remote.min_nodes = min_nodes
     else:

@@ -39,6 +39,7 @@ from ..estimator import WEIGHTINGS
 from .history import History
 from .messages import MessageError, Snapshot, decode, start_digest
 from .server import Server
+from .simulate import SAVED_BEFORE
 
 REPLY_KINDS = ("hello", "report", "need", "error")
 
@@ -51,7 +52,7 @@ class RemoteConfig:
     max_lag: int = 1000  # most rounds a node replays from the history (when fewer bytes than a snapshot)
     min_nodes: int = 1  # nodes to wait for before the first round
     wait: float = 600.0  # seconds to wait for them
-    weighting: str = "equal"  # clients' weights in an update (estimator.client_weights)
+    weighting: str = "examples"  # clients' weights in an update (estimator.client_weights)
 
     def check(self) -> None:
         if self.clients < 1:
@@ -301,7 +302,7 @@ def _serve(rundir, transport, log) -> None:
     spec = json.loads((rundir / SERVE_FILE).read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(spec["config"])
     inputs = RunInputs.from_dict(spec["inputs"])
-    remote = RemoteConfig(**spec["remote"])
+    remote = RemoteConfig(**{**SAVED_BEFORE, **spec["remote"]})
     with inputs.session_settings(spec.get("threads")).open(inputs.model) as session:
         task = load_task(inputs.task)
         evaluation = None

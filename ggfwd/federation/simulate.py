@@ -41,6 +41,8 @@ _SELECT_STREAM = 0x5E1EC7
 _INSTRUCTION_BOUND = 256  # bytes: an instruction is about 120-150 (tested)
 _REPORT_BOUND = 320  # bytes of a report beyond its 4-byte scalars and 2-byte indices (about 160; tested)
 HOSTILE_KINDS = ("scale", "nan", "signs")
+# Settings a run folder written before they existed ran with: such a run resumes with these.
+SAVED_BEFORE = {"weighting": "directions"}  # every direction alike, the rule before client balancing
 
 
 @dataclass
@@ -52,7 +54,7 @@ class FedConfig:
     partition: str = "dirichlet:0.5"
     deadline: float = 0.0  # simulated seconds per round; 0: wait for every selected client
     max_lag: int = 1000  # most rounds a client replays from broadcasts (when fewer bytes than a snapshot)
-    weighting: str = "equal"  # clients' weights in a round's update: equal | examples | directions
+    weighting: str = "examples"  # clients' weights in a round's update: examples | equal | directions
     dropout: float = 0.0  # chance that a selected, online client drops mid-round
     hostile: str = ""  # "N:KIND": the last N clients misbehave (KIND: scale, nan, signs)
     # Time-to-accuracy (see allocation.py and sampling.py); the defaults keep the plain federation.
@@ -336,7 +338,7 @@ class Federation(Trainer):
         state = self.run_dir.read_state()
         if state.get("kind") != self.KIND:
             raise UserError(f"{self.rundir} holds a '{state.get('kind', 'train')}' run, not a federation")
-        saved, defaults = state.get("federation") or {}, asdict(FedConfig())
+        saved, defaults = state.get("federation") or {}, {**asdict(FedConfig()), **SAVED_BEFORE}
         if any(saved.get(k, defaults[k]) != v for k, v in asdict(self.fed).items()) or set(saved) - set(defaults):
             raise UserError("a resumed federation keeps its settings (--clients, --devices, --partition, ...)")
         step = super().resume()  # clients restart empty and rejoin by replaying the history (or a snapshot)
