@@ -274,6 +274,7 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
             ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
         ax.set_xlabel(xl)
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
     axes[0].set_ylabel("accuracy on dev rows (%)")
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle("N clients per round, step size scaled with N (solid: IID, dashed: Dirichlet label skew; "
