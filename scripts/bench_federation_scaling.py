@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from bench_federation_time import _share_first_eval, _write_atomic, bench_main, save_plot
 
 
 def parse(argv):
@@ -165,28 +166,6 @@ def run_all(args) -> None:
                   file=sys.stderr, flush=True)
 
 
-def _share_first_eval(run, cache: dict, seed: int) -> None:
-    """Every run of a seed starts from the same adapter: its step-0 evaluation is scored once and reused."""
-    original = run.evaluate
-
-    def evaluate():
-        run.evaluate = original
-        if run.counters.step == 0 and seed in cache:
-            return dict(cache[seed])
-        result = original()
-        if run.counters.step == 0:
-            cache[seed] = dict(result)
-        return result
-
-    run.evaluate = evaluate
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- analysis
 def analyse(folder: Path, targets: list[float], n: int, part: str, seed: int) -> dict:
     """A run's figures; a run that was stopped before its end (no bench.json) is reported as far as it got."""
@@ -223,7 +202,7 @@ def report(args) -> list[dict]:
     print(f"{args.task} evaluation rows (first {args.eval_limit}) at about {args.eval_passes} training passes; {args.clients} clients "
           f"on {args.device}; base lr {args.lr}, --lr-scaling {args.lr_scaling}, --weighting {args.weighting}. "
           "Per target: simulated seconds / forward passes / rounds ('-': not reached)")
-    print(f"| run | lr | " + " | ".join(f"to {t:.0%}" for t in ts) + " | best | last | up B | down B | join B |")
+    print("| run | lr | " + " | ".join(f"to {t:.0%}" for t in ts) + " | best | last | up B | down B | join B |")
     print("|---|---|" + "---|" * (len(ts) + 5))
     for r in results:
         cells = ["-" if r["reach"][t] is None else
@@ -279,27 +258,8 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle("N clients per round, step size scaled with N (solid: IID, dashed: Dirichlet label skew; "
                  "squares: sqrt rule)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    print(f"plot: {path}")
+    save_plot(fig, path)
 
 
 def scaling_main(argv) -> None:
-    args = parse(argv)
-    if not args.report:
-        from ggfwd.demo import demo_model, sst2_file
-
-        if args.smoke:
-            from smoke_model import tiny_llama
-
-            args.model = args.model or tiny_llama()[1]
-        args.model = args.model or demo_model()
-        args.data = args.data or sst2_file("train")
-        args.eval_data = args.eval_data or sst2_file("dev")
-        run_all(args)
-    results = report(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, default=float))
+    bench_main(parse, run_all, report, argv)

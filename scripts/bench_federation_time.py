@@ -328,6 +328,11 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
     ax.set_ylabel("accuracy on dev rows (%)")
     ax.set_title("Time to accuracy across heterogeneous devices (SST-2, Gemma-3-270M Q4_K_M)")
     ax.legend(fontsize=7)
+    save_plot(fig, path)
+
+
+def save_plot(fig, path: Path) -> None:
+    """Write the figure to `path` atomically (a PNG next to it, then renamed)."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
@@ -337,7 +342,13 @@ def _plot(results: list[dict], path: Path, targets: list[float]) -> None:
 
 
 def time_main(argv) -> None:
-    args = parse(argv)
+    bench_main(parse, run_all, report, argv)
+
+
+def bench_main(parse_args, run, report_runs, argv) -> None:
+    """A benchmark mode's command line: the demo model and SST-2 (the tiny model with --smoke) unless given,
+    the runs not yet in --out, then the report (and --json)."""
+    args = parse_args(argv)
     if not args.report:
         from ggfwd.demo import demo_model, sst2_file
 
@@ -348,7 +359,7 @@ def time_main(argv) -> None:
         args.model = args.model or demo_model()
         args.data = args.data or sst2_file("train")
         args.eval_data = args.eval_data or sst2_file("dev")
-        run_all(args)
-    results = report(args)
+        run(args)
+    results = report_runs(args)
     if args.json:
         args.json.write_text(json.dumps(results, default=float))

@@ -62,7 +62,7 @@ def federate_command(
     targets: Optional[str] = typer.Option(None, help="Comma-separated weight patterns for a fresh adapter \\[default: attn_q,attn_v]."),
     max_tokens: Optional[int] = typer.Option(None, help="Longest example in tokens \\[default: 128]."),
     memory: Optional[str] = MEMORY_OPTION,
-    lr: Optional[float] = typer.Option(None, help=f"Base learning rate, for one direction \\[default: 0.02, sgd]."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate, for one direction \\[default: 0.02, sgd]."),
     lr_scaling: Optional[str] = LR_SCALING_OPTION,
     lr_scale_max: Optional[float] = LR_SCALE_MAX_OPTION,
     spread: Optional[str] = SPREAD_OPTION,
