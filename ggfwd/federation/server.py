@@ -53,8 +53,11 @@ class Server:
         start = 0 if client_version is None else client_version
         held = self.history.end == now and now - start <= self.max_lag
         missed = self.history.since(start) if held else None
-        if missed is not None and (not missed or sum(map(len, missed)) < len(self.snapshot())):
-            return list(missed)  # nothing at all for a joiner at version 0: it starts from its own adapter
+        if missed is not None:
+            size = sum(map(len, missed))
+            # a snapshot holds at least 4 bytes per trained value: encode one only when the history might be larger
+            if size < 4 * self.perturbations.n or size < len(self.snapshot()):
+                return list(missed)  # nothing at all for a joiner at version 0: it starts from its own adapter
         return [self.snapshot()]
 
     def snapshot(self) -> bytes:
