@@ -219,9 +219,11 @@ def clip_threshold(reports, clip: float) -> float:
 
 
 def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.0,
-              out: np.ndarray | None = None, weights=None) -> Aggregate:
+              out: np.ndarray | None = None, weights=None, draws=None) -> Aggregate:
     """The round's estimate from (client, scalars) pairs, or (client, scalars, indices) triples whose scalar k
-    belongs to direction (step, client, indices[k]) (candidate sampling). Client-balanced: each report is first
+    belongs to direction (step, client, indices[k]) (candidate sampling); `draws` (one per report) replaces
+    `step` in a report's seeds when its directions were drawn in another round (asynchronous rounds and client
+    memory: clientmemory.py). Client-balanced: each report is first
     averaged over its own directions, then the clients' means are combined with weights w_c (`weights`, one per
     report in order, relative; None: equal):
 
@@ -242,19 +244,22 @@ def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.
     same bits."""
     if weights is not None and len(weights) != len(reports):
         raise ValueError("one weight per report")
+    if draws is not None and len(draws) != len(reports):
+        raise ValueError("one draw per report")
     rows = [(int(r[0]), np.asarray(r[1], dtype=np.float32), r[2] if len(r) > 2 else None,
-             1.0 if weights is None else float(weights[j])) for j, r in enumerate(reports)]
-    usable = [(c, s, i, w) for c, s, i, w in rows if s.size and np.all(np.isfinite(s)) and w > 0 and np.isfinite(w)]
+             1.0 if weights is None else float(weights[j]), step if draws is None else int(draws[j]))
+            for j, r in enumerate(reports)]
+    usable = [row for row in rows if row[1].size and np.all(np.isfinite(row[1])) and row[3] > 0 and np.isfinite(row[3])]
     if not usable:
         return Aggregate(None, 0, 0, 0, float("inf"))
-    threshold = clip_threshold([(c, s) for c, s, _, _ in usable], clip)
-    n = sum(s.size for _, s, _, _ in usable)
-    total_weight = sum(w for _, _, _, w in usable)
+    threshold = clip_threshold([(row[0], row[1]) for row in usable], clip)
+    n = sum(row[1].size for row in usable)
+    total_weight = sum(row[3] for row in usable)
     total = np.zeros(perturbations.n, dtype=np.float32) if out is None else out
     total[...] = 0
     z = np.empty(perturbations.n, dtype=np.float32)
     clipped, spread = 0, 0.0
-    for client, scalars, indices, w in usable:
+    for client, scalars, indices, w, draw in usable:
         share = w / total_weight  # exactly 1.0 for a single report
         spread += share * share / scalars.size
         values = scalars.astype(np.float64)
@@ -262,19 +267,21 @@ def aggregate(perturbations: Perturbations, step: int, reports, clip: float = 0.
             clipped += int(np.count_nonzero(np.abs(values) > threshold))
             values = np.clip(values, -threshold, threshold)
         for k, s in enumerate(values):
-            perturbations.masked(step, client, k if indices is None else int(indices[k]), out=z)
+            perturbations.masked(draw, client, k if indices is None else int(indices[k]), out=z)
             total += np.float32(s * share / scalars.size) * z
     return Aggregate(total, len(usable), n, clipped, threshold, 1.0 / spread)
 
 
-def client_weights(weighting: str, reports, examples=None, directions=None, cap: float = 4.0) -> list[float] | None:
+def client_weights(weighting: str, reports, examples=None, directions=None, cap: float = 4.0,
+                   population=None) -> list[float] | None:
     """Relative weights of a round's reports (in their order) under `weighting`:
 
     - `equal`: every client counts the same (None: `aggregate`'s default);
     - `examples`: by the client's training-set size (`examples[client]`), so that with clients sampled
       uniformly the expected update is the pooled data's gradient under label or quantity skew. A client's
-      claim is capped at `cap` x the median claim of the round, so that a node claiming a huge data set cannot
-      take the update over;
+      claim is capped at `cap` x the median claim of the round (of `population`, every known client's claim,
+      when given: with client memory a round may hold a single report), so that a node claiming a huge data
+      set cannot take the update over;
     - `directions`: by the directions the client scored (every direction weighs the same: ggfwd's rule before
       client balancing; a fast client's weight then grows with its speed).
     """
@@ -287,5 +294,5 @@ def client_weights(weighting: str, reports, examples=None, directions=None, cap:
     sizes = [float(max(1, examples[int(r[0])])) for r in reports]
     if not sizes:
         return []
-    limit = cap * float(np.median(sizes))
+    limit = cap * float(np.median(sizes if population is None else [max(1, int(e)) for e in population]))
     return [min(s, limit) for s in sizes]

@@ -231,10 +231,10 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------- loop
-    def run(self, on_step=None, stop_after: int | None = None) -> dict:
-        """Train up to `config.steps` (or `stop_after` more steps), evaluating every `eval_every` steps and
-        at the end, checkpointing every `checkpoint_every` steps and at the end. `on_step(record)` sees every
-        metrics record."""
+    def run(self, on_step=None, stop_after: int | None = None, evaluate_now=None) -> dict:
+        """Train up to `config.steps` (or `stop_after` more steps), evaluating every `eval_every` steps, at the
+        end, and after any step where `evaluate_now(counters)` is true (e.g. at points of simulated time),
+        checkpointing every `checkpoint_every` steps and at the end. `on_step(record)` sees every metrics record."""
         c, k = self.config, self.counters
         if k.step == 0 and not self.run_dir.has_run:
             record = {"step": 0, "forward_passes": 0, "tokens": 0, "seconds": 0.0, **self.evaluate()}
@@ -246,7 +246,8 @@ class Trainer:
         record = {}
         while k.step < target:
             record = self.train_step()
-            if self.eval_plan is not None and (k.step == c.steps or (c.eval_every and k.step % c.eval_every == 0)):
+            if self.eval_plan is not None and (k.step == c.steps or (c.eval_every and k.step % c.eval_every == 0)
+                                               or (evaluate_now is not None and evaluate_now(k))):
                 record.update(self.evaluate())
             self.run_dir.append_metrics(record)
             if k.step == target or k.step % c.checkpoint_every == 0:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .clientmemory import ClientMemory
 from .errors import UserError
 from .optimizer import Optimizer
 
@@ -61,6 +62,7 @@ class UpdateRule:
     weight_decay: float = 0.0
     lr_scaling: str = "none"
     lr_scale_max: float = 0.0
+    max_staleness: int = 0  # > 0: updates reuse each client's latest report this many rounds (clientmemory.py)
 
     def make_optimizer(self, n: int) -> Optimizer:
         return Optimizer(n, self.optimizer, self.lr, self.schedule, self.warmup, self.total_steps,
@@ -89,6 +91,8 @@ class Replica:
         self.optimizer = rule.make_optimizer(int(index.size))
         self.version = int(version)
         self.last_update: np.ndarray | None = None  # kept once `track_updates` is called (candidate sampling)
+        # every client's latest report, reused by later updates (None: an update uses its own round's reports)
+        self.memory = ClientMemory(rule.max_staleness) if rule.max_staleness else None
 
     def track_updates(self) -> None:
         """Keep the change each applied update makes to the trained values (`last_update`, zero until the first
@@ -126,6 +130,8 @@ class Replica:
         out["version"] = np.asarray(self.version, dtype=np.int64)
         if self.last_update is not None:
             out["last_update"] = self.last_update
+        if self.memory is not None:
+            out.update({f"memory.{k}": v for k, v in self.memory.columns().items()})
         return out
 
     def load_state_dict(self, state) -> None:
@@ -142,6 +148,12 @@ class Replica:
                 raise UserError(f"adapter state holds a last update of {last.size} values, this run trains "
                                 f"{self.index.size}")
             self.last_update = last.copy()
+        if self.memory is not None:
+            cols = {k.removeprefix("memory."): state[k] for k in state if k.startswith("memory.")}
+            try:
+                self.memory.load_columns(cols) if cols else self.memory.entries.clear()
+            except (KeyError, ValueError) as exc:
+                raise UserError(f"adapter state holds a damaged client memory: {exc}") from None
 
     def copy(self) -> "Replica":
         other = Replica(self.theta, self.index, self.rule, self.version)
@@ -149,12 +161,25 @@ class Replica:
         return other
 
 
-def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0.0, weights=None):
+def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0.0, weights=None, ages=None):
     """The round step every party runs: aggregate the round's (client, scalars) reports from their seeds with
     the clients' relative `weights` (`estimator.aggregate`; None: equal) and apply the update to `replica` at the
     rule's step size for the directions averaged. Returns (Aggregate, rejection reason or None). The server
-    runs it on the reports it accepted; each client runs it on the broadcast of the same reports."""
+    runs it on the reports it accepted; each client runs it on the broadcast of the same reports.
+
+    With client memory (`rule.max_staleness` > 0) the reports first replace their clients' entries (`ages`: per
+    report, how many updates old the version it computed on is, which also seeded its directions; None: all 0),
+    and the update averages every entry still within the staleness limit."""
     from .estimator import aggregate
 
-    agg = aggregate(perturbations, step, reports, clip, weights=weights)
+    if step != replica.version:
+        raise ValueError(f"replica is at version {replica.version}, cannot apply update {step}")
+    if replica.memory is None:
+        if ages is not None and any(int(a) for a in ages):
+            raise ValueError("stale reports need client memory (max_staleness > 0)")
+        agg = aggregate(perturbations, step, reports, clip, weights=weights)
+    else:
+        replica.memory.admit(step, reports, weights, ages)
+        rows, row_weights, row_draws = replica.memory.rows(step)
+        agg = aggregate(perturbations, step, rows, clip, weights=row_weights, draws=row_draws)
     return agg, replica.apply(agg.gradient, step, replica.rule.lr_scale(agg.effective))

@@ -18,6 +18,14 @@ everything else is shared):
        concentrating the work on the fast devices' data is what costs c accuracy under label skew)
   c3   c whose rounds last until at least 3 of the 4 selected clients finish a direction (--min-clients 3; the
        fast ones fill the longer round, up to --max-directions): breadth of data against round length
+  m    asynchronous rounds with client memory: every client works back to back, an update per --per-round
+       reports, each update averaging every client's latest report within --max-staleness updates (weighted by
+       examples x 1/sqrt(1 + age)); mt: m with trend pacing (directions per job doubled when the loss stalls)
+
+With --budget S every run is given the same S simulated seconds (and --rounds as a cap), is evaluated at the
+first update at or after each of --eval-at, and the report gives the median and range over the seeds (times to
+each target, accuracy at each point, shares of accepted work and of update weight by device profile) and a plot
+of accuracy against simulated time with the range shaded.
 
 A run stops at its first evaluation at or above --stop-at (the highest target; 0: never) or after --rounds.
 Reported per run: simulated time, forward passes and rounds until each --targets accuracy, bytes per client and
@@ -28,6 +36,8 @@ not run again (their folders are read), so an interrupted benchmark continues wh
     python scripts/bench_federation.py --mode time --threads 1
     python scripts/bench_federation.py --mode time --report            # reprint from the run folders
     python scripts/bench_federation.py --mode time --smoke             # seconds: tiny random model
+    python scripts/bench_federation.py --mode time --threads 1 --runs a,m --seeded a,m --seeds 0,1,2 \
+        --budget 60 --eval-at 1,2,4,8,16,32 --rounds 5000 --eval-limit 512  # the asynchronous comparison
 """
 
 from __future__ import annotations
@@ -51,6 +61,8 @@ RUNS = {
     "e": ("(c) + unbiased sampling", {**SPEED, "sampling": "unbiased"}),
     "c0": ("(c) without down-weighting", {**SPEED, "downweight": 0.0}),
     "c3": ("(c) with at least 3 contributing clients", {**SPEED, "min_clients": 3}),
+    "m": ("asynchronous + client memory", {"mode": "async", "max_staleness": "auto"}),
+    "mt": ("(m) + trend pacing", {"mode": "async", "max_staleness": "auto", "pacing": "trend", "pacing_max": 4}),
 }
 
 
@@ -75,7 +87,14 @@ def parse(argv):
     p.add_argument("--max-directions", type=int, default=2, help="(c)-(e): most directions per client and round")
     p.add_argument("--candidates", type=int, default=64, help="(d), (e): candidates per client and round")
     p.add_argument("--deadline", type=float, default=0.0, help="(a2)'s deadline in simulated seconds (0: auto)")
-    p.add_argument("--eval-every", type=int, default=5, help="rounds")
+    p.add_argument("--eval-every", type=int, default=5, help="rounds (without --budget)")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="simulated seconds every run is given (0: --rounds decides); evaluations then happen at the "
+                        "first update at or after each of --eval-at")
+    p.add_argument("--eval-at", default="0.5,1,1.5,2,3,4,6,8,12,16,24,32,48,64,96,128",
+                   help="simulated seconds at which runs are evaluated with --budget (points past it are dropped, "
+                        "the budget is added)")
+    p.add_argument("--max-staleness", type=int, default=64, help="(m): how many updates old a report may count")
     p.add_argument("--targets", default="0.80,0.83,0.85")
     p.add_argument("--stop-at", type=float, default=0.85, help="stop a run at its first evaluation >= this (0: never)")
     p.add_argument("--runs", default="a,c,a2,b,d,e")
@@ -89,11 +108,14 @@ def parse(argv):
     p.add_argument("--report", action="store_true", help="print the table from the run folders in --out, no runs")
     args = p.parse_args(argv)
     if args.smoke:
-        args.rounds, args.eval_every, args.eval_limit, args.train_limit = 4, 2, 32, 400
+        args.rounds = args.rounds if args.budget else 4
+        args.eval_every, args.eval_limit, args.train_limit = 2, 32, 400
         args.batch_size, args.threads, args.candidates = 4, args.threads or 1, 8
         args.devices = "desktop-vulkan:1,macbook-m4:1,laptop-x86:1,pi5:1,phone-midrange:1"
         args.per_round, args.stop_at = 3, 0.0
     args.targets = [float(t) for t in args.targets.split(",")]
+    if args.budget:
+        args.eval_at = sorted({float(t) for t in args.eval_at.split(",") if 0 < float(t) < args.budget} | {args.budget})
     args.plot = args.plot or args.out / "time.png"
     return args
 
@@ -111,6 +133,7 @@ def plan(args) -> list[tuple[str, str, int]]:
 
 # ----------------------------------------------------------------------------- running
 def run_all(args) -> None:
+    from ggfwd.federation.asynchronous import AsyncFederation
     from ggfwd.federation.simulate import FedConfig, Federation
     from ggfwd.inputs import RunInputs
     from ggfwd.modelstats import ModelStats
@@ -140,8 +163,10 @@ def run_all(args) -> None:
             fed_kw = dict(clients=len(names), clients_per_round=args.per_round, devices=args.devices,
                           partition=f"dirichlet:{args.alpha}", max_directions=args.max_directions,
                           candidates=args.candidates, max_lag=args.rounds)
-            cfg = TrainConfig(steps=args.rounds, eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
-                              eps=args.eps, seed=seed, clip=args.clip)
+            cfg = TrainConfig(steps=args.rounds, eval_every=0 if args.budget else args.eval_every,
+                              batch_size=args.batch_size, lr=args.lr, eps=args.eps, seed=seed, clip=args.clip)
+            if settings.get("max_staleness") == "auto":
+                settings["max_staleness"] = args.max_staleness
             out = args.out / label
             out.mkdir(parents=True, exist_ok=True)
             if settings.get("deadline") == "auto":
@@ -149,19 +174,31 @@ def run_all(args) -> None:
                     Federation(session, adapter.copy(), train, cfg, out, None, inputs,
                                fed=FedConfig(**fed_kw), profiles=profiles, model_stats=stats), names)
             fed = FedConfig(**{**fed_kw, **settings})
-            run = Federation(session, adapter.copy(), train, cfg, out, evaluation, inputs, fed=fed,
-                             profiles=profiles, model_stats=stats)
+            kind = AsyncFederation if fed.mode == "async" else Federation
+            run = kind(session, adapter.copy(), train, cfg, out, evaluation, inputs, fed=fed, profiles=profiles,
+                       model_stats=stats)
             if run.run_dir.has_run:
                 run.resume()
             _share_first_eval(run, first_eval, seed)
             start = time.perf_counter()
-            while run.counters.step < cfg.steps:
-                run.run(stop_after=args.eval_every)
+            pending = [t for t in (args.eval_at if args.budget else []) if t > run.counters.sim_seconds]
+
+            def due(k) -> bool:  # the first update at or after each point of simulated time is evaluated
+                hit = bool(pending) and k.sim_seconds >= pending[0]
+                while pending and k.sim_seconds >= pending[0]:
+                    pending.pop(0)
+                return hit
+
+            evals = []
+            while run.counters.step < cfg.steps and not (args.budget and run.counters.sim_seconds >= args.budget):
+                run.run(stop_after=1 if args.budget else args.eval_every, evaluate_now=due if args.budget else None)
                 evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]
                 if args.stop_at and evals and evals[-1]["eval_accuracy"] >= args.stop_at:
                     break
             done = {"run": name, "seed": seed, "settings": {k: v for k, v in vars(fed).items()},
-                    "wall_seconds": time.perf_counter() - start, "profiles": names}
+                    "wall_seconds": time.perf_counter() - start, "profiles": names, "budget": args.budget,
+                    "eval_at": args.eval_at if args.budget else [], "stopped_at_target": bool(
+                        args.stop_at and evals and evals[-1]["eval_accuracy"] >= args.stop_at)}
             _write_atomic(out / "bench.json", json.dumps(done, default=float))
             acc = evals[-1]["eval_accuracy"] if evals else float("nan")
             print(f"{label}: {acc:.1%} after {run.counters.step} rounds, {run.counters.forward_passes} passes, "
@@ -220,14 +257,17 @@ def analyse(folder: Path, targets: list[float]) -> dict:
     idle = busy_total = wasted = 0.0
     slots = 0.0
     idle_by: dict[str, list[float]] = {}
-    directions, used = [], {}
+    directions, used, weight, refused = [], {}, {}, 0
     for r in rounds:
         t = r["round_seconds"]
         late = set(r.get("late", [])) | set(r.get("dropped", []))
         directions.append(sum(len(s) for s in r["scalars"].values()))
         for i, s in r["scalars"].items():
             used[names[int(i)]] = used.get(names[int(i)], 0) + len(s)
-        for i in r["selected"]:
+        for i, (share, _) in r.get("update_shares", {}).items():  # each client's weight in the update
+            weight[names[int(i)]] = weight.get(names[int(i)], 0.0) + share / len(rounds)
+        refused += len(r.get("refused", {}))
+        for i in r.get("selected", []):  # synchronous rounds: who idled while the round waited
             b = min(r["client_seconds"].get(str(i), 0.0), t)
             idle += t - b
             slots += t
@@ -247,7 +287,22 @@ def analyse(folder: Path, targets: list[float]) -> dict:
             "directions": sum(directions) / max(1, len(directions)),
             "idle_by_profile": {k: v[0] / v[1] for k, v in idle_by.items() if v[1]},
             "directions_by_profile": {k: v / max(1, sum(used.values())) for k, v in used.items()},
+            "weight_by_profile": weight, "refused_reports": refused,
+            "accuracy_at": _accuracy_at(evals, done),
             "deadline": done["settings"].get("deadline", 0.0), "wall_seconds": done["wall_seconds"]}
+
+
+def _accuracy_at(evals: list, done: dict) -> dict:
+    """Accuracy at each point of simulated time: the evaluation taken for it (at the first update at or after
+    it); for a run stopped at the target before that point, its last evaluation, marked (True: carried)."""
+    out = {}
+    for t in done.get("eval_at", []):
+        hit = next((e for e in evals if e[0] >= t - 1e-9), None)
+        if hit is not None:
+            out[t] = (hit[3], False)
+        elif done.get("stopped_at_target") and evals:
+            out[t] = (evals[-1][3], True)
+    return out
 
 
 def report(args) -> list[dict]:
@@ -255,6 +310,8 @@ def report(args) -> list[dict]:
                if (args.out / label / "bench.json").is_file()]
     if not results:
         raise SystemExit(f"no finished runs in {args.out}")
+    if args.budget:
+        return report_budget(args, results)
     ts = args.targets
     fmt = lambda x, f: "-" if x is None else f(x)  # noqa: E731
     print(f"SST-2 dev (first {args.eval_limit} rows), evaluated every {args.eval_every} rounds: simulated seconds / "
@@ -282,6 +339,114 @@ def report(args) -> list[dict]:
     if args.plot:
         _plot(results, args.plot, ts)
     return results
+
+
+def _median_range(values: list[float], fmt) -> str:
+    import statistics
+
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.median(values))} [{fmt(min(values))}-{fmt(max(values))}]"
+
+
+def report_budget(args, results: list[dict]) -> list[dict]:
+    """Runs given the same simulated-time budget, several seeds each: median [range] over the seeds."""
+    import math
+
+    runs = [r for r in RUNS if any(res["run"] == r for res in results)]
+    by = {r: [res for res in results if res["run"] == r] for r in runs}
+    ts = args.targets
+    print(f"SST-2 dev (first {args.eval_limit} rows); every run given {args.budget:g} simulated seconds, evaluated "
+          f"at the first update at or after each of {', '.join(f'{t:g}' for t in args.eval_at)} s; median "
+          f"[range] over seeds; a seed that never reached a target counts as infinitely late")
+    print("| run | seeds | " + " | ".join(f"to {t:.0%} (s)" for t in ts) + " | rounds | passes | up B | down B |")
+    print("|---|---|" + "---|" * (len(ts) + 4))
+    for r in runs:
+        cells = []
+        for t in ts:
+            times = [res["reach"][t]["sim_seconds"] if res["reach"][t] else math.inf for res in by[r]]
+            n = sum(math.isfinite(x) for x in times)
+            cells.append(_median_range(times, lambda x: "-" if not math.isfinite(x) else f"{x:.1f}")
+                         + f" ({n}/{len(times)})")
+        print(f"| {r}: {RUNS[r][0]} | {len(by[r])} | " + " | ".join(cells) + " | "
+              + _median_range([res["final"]["rounds"] for res in by[r]], lambda x: f"{x:.0f}") + " | "
+              + _median_range([res["final"]["passes"] for res in by[r]], lambda x: f"{x:.0f}") + " | "
+              + f"{max(res['bytes_up'] for res in by[r]):.0f} | {max(res['bytes_down'] for res in by[r]):.0f} |")
+    print()
+    points = args.eval_at
+    print("Accuracy (%) at fixed simulated seconds, median [range] over seeds (* includes a run stopped at the "
+          "target earlier, carried forward)")
+    print("| run | " + " | ".join(f"{t:g} s" for t in points) + " |")
+    print("|---|" + "---|" * len(points))
+    for r in runs:
+        cells = []
+        for t in points:
+            got = [res["accuracy_at"].get(t) for res in by[r]]
+            vals = [100 * g[0] for g in got if g is not None]
+            mark = "*" if any(g is not None and g[1] for g in got) else ""
+            cells.append(_median_range(vals, lambda x: f"{x:.1f}") + mark if len(vals) == len(got) else "-")
+        print(f"| {r} | " + " | ".join(cells) + " |")
+    print()
+    print("Share of accepted directions / of update weight by device profile (mean over seeds):")
+    for r in runs:
+        profiles = sorted({k for res in by[r] for k in res["directions_by_profile"]} |
+                          {k for res in by[r] for k in res["weight_by_profile"]})
+        mean = lambda key, k: sum(res[key].get(k, 0.0) for res in by[r]) / len(by[r])  # noqa: E731
+        print(f"  {r}: " + ", ".join(f"{k} {100 * mean('directions_by_profile', k):.0f}% / "
+                                     f"{100 * mean('weight_by_profile', k):.0f}%" for k in profiles)
+              + f"; refused reports {sum(res['refused_reports'] for res in by[r])}")
+    target = ts[-1]
+    print()
+    for r in runs:
+        for other in ("a", "a2", "c", "c0", "c3"):
+            if other == r or other not in by:
+                continue
+            for res in by[r]:
+                base = next((x for x in by[other] if x["seed"] == res["seed"]), None)
+                if base is None:
+                    continue
+                mine, theirs = res["reach"][target], base["reach"][target]
+                verdict = (f"{theirs['sim_seconds'] / mine['sim_seconds']:.2f}x sooner" if mine and theirs else
+                           {(True, False): f"reached, {other} did not", (False, True): f"not reached, {other} did",
+                            (False, False): "neither reached"}[(bool(mine), bool(theirs))])
+                print(f"  {r} vs {other}, seed {res['seed']}, to {target:.0%}: {verdict}")
+    if args.plot:
+        _plot_budget(by, args.plot, ts, points)
+    return results
+
+
+def _plot_budget(by: dict, path: Path, targets: list[float], points: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive",
+                                "tab:cyan", "tab:brown", "tab:pink", "black", "tab:gray")))
+    for r, results in by.items():
+        rows = []
+        for res in results:
+            rows.append([100 * res["accuracy_at"][t][0] if t in res["accuracy_at"] else np.nan for t in points])
+        a = np.asarray(rows, dtype=float)
+        xs = [0.0] + list(points)
+        zero = [100 * res["evals"][0][3] for res in results if res["evals"]]
+        med = [np.median(zero)] + list(np.nanmedian(a, axis=0))
+        lo = [min(zero)] + list(np.nanmin(a, axis=0))
+        hi = [max(zero)] + list(np.nanmax(a, axis=0))
+        ax.plot(xs, med, marker="o", ms=3, color=colours[r], label=f"{r}: {RUNS[r][0]} ({len(results)} seeds)")
+        ax.fill_between(xs, lo, hi, color=colours[r], alpha=0.15, linewidth=0)
+    for t in targets:
+        ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("simulated seconds")
+    ax.set_ylabel("accuracy on dev rows (%): median, range shaded")
+    ax.set_title("Heterogeneous fleet, same simulated-time budget (SST-2, Gemma-3-270M Q4_K_M)")
+    ax.legend(fontsize=7)
+    save_plot(fig, path)
 
 
 def _compare(results: list[dict], target: float) -> None:

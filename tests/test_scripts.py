@@ -263,3 +263,23 @@ def test_bench_federation_time_smoke(env, smoke_model, tmp_path):
                 tmp_path, env)
     assert [line for line in again.splitlines() if line.startswith("| ")] == \
         [line for line in out.splitlines() if line.startswith("| ")]
+
+
+def test_bench_federation_time_budget_smoke(env, smoke_model, tmp_path):
+    """Asynchronous rounds with client memory beside (a), every run given the same simulated seconds."""
+    out = run("bench_federation.py", ["--mode", "time", "--smoke", "--model", str(smoke_model), "--out",
+                                      str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), "--runs", "a,m",
+                                      "--seeded", "a,m", "--seeds", "0,1", "--budget", "1", "--eval-at", "0.25,0.5",
+                                      "--rounds", "300", "--max-staleness", "40"], tmp_path, env)
+    assert re.search(r"^\| a: uniform.* \| 2 \|", out, re.M) and re.search(r"^\| m: asynchronous.* \| 2 \|", out, re.M), out
+    saved = {r["label"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert set(saved) == {"a-s0", "a-s1", "m-s0", "m-s1"}
+    for label, res in saved.items():
+        assert res["final"]["sim_seconds"] >= 1 or res["final"]["rounds"] == 300, label
+        assert sorted(map(float, res["accuracy_at"])) == [0.25, 0.5, 1.0], label
+        assert res["evals"][0][3] == saved[label[:-1] + "0"]["evals"][0][3] or label.endswith("1")
+    m, a = saved["m-s0"], saved["a-s0"]
+    assert m["final"]["rounds"] > a["final"]["rounds"]  # nothing waits for the slowest device
+    assert m["weight_by_profile"].get("pi5", 0) > 0 and m["weight_by_profile"].get("phone-midrange", 0) > 0
+    assert 0 < m["bytes_up"] <= 1024 and 0 < m["bytes_down"] <= 1024
+    assert (tmp_path / "runs" / "time.png").read_bytes()[:4] == b"\x89PNG"

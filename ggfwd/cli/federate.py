@@ -25,7 +25,7 @@ _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "
                 "spread")
 _FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "weighting", "dropout",
                        "hostile", "allocation", "pacing", "target", "max_directions", "min_clients", "pacing_max",
-                       "downweight", "sampling", "candidates")
+                       "downweight", "sampling", "candidates", "mode", "max_staleness")
 
 
 def federate_command(
@@ -33,18 +33,20 @@ def federate_command(
     devices: Optional[str] = typer.Option(None, "--devices", help=f"Device profiles as PROFILE:COUNT,... adding up to --clients \\[default: {DEMO_DEVICES}]."),
     partition: Optional[str] = typer.Option(None, "--partition", help="iid, dirichlet:ALPHA (label skew) or count:N1,N2,... \\[default: dirichlet:0.5]."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help=f"Rounds (one update each) \\[default: {DEMO['steps']}]."),
-    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online) \\[default: 4]."),
+    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online); with --mode async, reports per update \\[default: 4]."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="sync: rounds of sampled clients; async: every client works back to back, an update per --clients-per-round reports (needs --max-staleness) \\[default: sync]."),
+    max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Client memory: every update reuses each client's latest report while it is at most this many updates old (0: off) \\[default: 0]."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all) \\[default: 0]."),
     max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Most rounds a client (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values \\[default: 1000]."),
     weighting: Optional[str] = typer.Option(None, "--weighting", help="Clients' weights in a round's update: examples (by training-set size, capped at 4x the round's median), equal, or directions (every direction the same) \\[default: examples]."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance that a selected client drops mid-round (its work is discarded) \\[default: 0]."),
     hostile: Optional[str] = typer.Option(None, "--hostile", help="N:KIND: the last N clients send scalars x1e6 (scale), NaN (nan) or with random signs (signs)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Directions per client: uniform (--directions each), schedule (FwdLLM's 1-3-5-10 by progress) or speed (as many as fit the round's deadline by the device profile) \\[default: uniform]."),
-    pacing: Optional[str] = typer.Option(None, "--pacing", help="Directions per round: fixed, or variance (raised while the scalars' variance is above its starting level; logged per round) \\[default: fixed]."),
+    pacing: Optional[str] = typer.Option(None, "--pacing", help="Directions per round: fixed, variance (raised while the scalars' variance is above its starting level) or trend (doubled when the training loss stops falling measurably; per job with --mode async); logged per round \\[default: fixed]."),
     target: Optional[int] = typer.Option(None, "--target", help="Directions per round for --allocation speed and --pacing variance (0: clients per round x directions) \\[default: 0]."),
     max_directions: Optional[int] = typer.Option(None, "--max-directions", help="Most directions one client gets in a round with --allocation speed \\[default: 16]."),
     min_clients: Optional[int] = typer.Option(None, "--min-clients", help="With --allocation speed and a target: lengthen the round until at least this many selected clients finish one direction (breadth under label skew) \\[default: 0]."),
-    pacing_max: Optional[int] = typer.Option(None, "--pacing-max", help="Most directions per round --pacing variance may ask for \\[default: 64]."),
+    pacing_max: Optional[int] = typer.Option(None, "--pacing-max", help="Most directions per round (per job with --mode async) --pacing may ask for \\[default: 64]."),
     downweight: Optional[float] = typer.Option(None, "--downweight", help="Down-weight clients that miss deadlines in sampling: decay of their miss count per round (0: off) \\[default: 0]."),
     sampling: Optional[str] = typer.Option(None, "--sampling", help="random, discriminative (top-K of --candidates by |cosine| with the last update) or unbiased (importance-weighted) \\[default: random]."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Candidate directions per client and round for --sampling discriminative/unbiased \\[default: 64]."),
@@ -80,6 +82,7 @@ def federate_command(
     resume: bool = flag("--resume", help="Continue the federation in --out from its last checkpoint."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
+    from ..federation.asynchronous import AsyncFederation
     from ..federation.simulate import Federation
 
     steps = rounds
@@ -96,8 +99,9 @@ def federate_command(
     with inputs.session_settings(threads).open(inputs.model, verbose=verbose) as session:
         train_data, eval_data_t, init = inputs.load(session, config.seed)
         run.out.mkdir(parents=True, exist_ok=True)
-        federation = Federation(session, init, train_data, config, run.out, eval_data=eval_data_t, inputs=inputs,
-                                fed=fed, profiles=profiles, model_stats=stats)
+        kind = AsyncFederation if fed.mode == "async" else Federation
+        federation = kind(session, init, train_data, config, run.out, eval_data=eval_data_t, inputs=inputs,
+                          fed=fed, profiles=profiles, model_stats=stats)
         if resume:
             federation.resume()
         _run_live(federation, run.out)
@@ -142,7 +146,10 @@ def _run_live(fed, out: Path) -> None:
         _note(state, r)
     kinds = sorted({p.name for p in fed.profiles})
     err.print(f"[bold]ggfwd federate[/] -> {out}  ({f.clients} clients on {', '.join(kinds)}, partition "
-              f"{f.partition}, {f.clients_per_round} per round, {c.directions} direction(s) of {c.batch_size} "
+              f"{f.partition}, "
+              + (f"asynchronous: an update per {f.clients_per_round} reports, memory {f.max_staleness} updates, "
+                 if f.mode == "async" else f"{f.clients_per_round} per round, ")
+              + f"{c.directions} direction(s) of {c.batch_size} "
               f"examples each, {fed.perturbations.n} trained values)")
     with progress_bar(err, info=True) as bar:
         job = bar.add_task("rounds", total=c.steps, completed=k.step, info="")

@@ -18,7 +18,8 @@ same inputs allocates the same way.
   deadline is then an upper bound on D.
 
 `VariancePacer` is FwdLLM's design 2 (variance-controlled pacing) as a rule over the scalars the server
-receives; `MissWeights` down-weights clients that keep missing their deadline in sampling.
+receives; `TrendPacer` is a scale-free trigger for more directions (a test on the training loss's trend);
+`MissWeights` down-weights clients that keep missing their deadline in sampling.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ALLOCATIONS = ("uniform", "schedule", "speed")
-PACINGS = ("fixed", "variance")
+PACINGS = ("fixed", "variance", "trend")
 # FwdLLM's hand schedule of perturbations per client (1 -> 3 -> 5 -> 10) as (fraction of the run's rounds from
 # which it applies, directions per client).
 FWDLLM_SCHEDULE = ((0.0, 1), (0.25, 3), (0.5, 5), (0.75, 10))
@@ -172,6 +173,73 @@ class VariancePacer:
     def load(self, state: dict) -> None:
         self.count, self.ema, self.ref = int(state["count"]), state["ema"], state["ref"]
         self.seen = list(state["seen"])
+
+
+class TrendPacer:
+    """Pacing that does not fade: more directions once the training loss stops falling measurably.
+
+    FwdLLM raises the perturbation count when the estimates' variance is high; measured as a level (absolute,
+    or relative to the start as in `VariancePacer`) that signal fades, because the scalars shrink with the
+    gradient as training goes on. The norm test of Bollapragada, Byrd and Nocedal (arXiv 1710.11258) is the
+    scale-free form of the question "is the noise larger than the signal?", but with zeroth-order estimates it
+    cannot act: a direction's estimate s z carries the gradient's component along z plus n - 1 components of
+    noise, so the test's variance term is about n / N times its signal term for N directions over n trained
+    values (184,320 for Gemma-3-270M's default adapter): it asks for the maximum from the first round on.
+
+    This rule asks the question where the zeroth-order estimate can answer it: in the loss. Every report
+    carries its batch's loss at the current adapter; over a window of W rounds the pacer fits the mean reported
+    loss against the round by least squares and tests the slope b against its standard error se (a t-statistic,
+    b / se, which neither the loss's scale nor its level changes: scale-free). While the loss falls by more
+    than `threshold` standard errors over the window the count stays; when it does not (t > -threshold: progress
+    is lost in the noise of the estimates at this count), the count doubles (at most `most`) and the window
+    starts again at the new count. The count never falls: like FwdLLM's schedule, more directions later, but
+    triggered by the run, not by the calendar. Inputs and the decision are logged every round.
+    """
+
+    def __init__(self, base: int, most: int, window: int = 16, threshold: float = 1.0):
+        if not 1 <= base <= most or window < 3:
+            raise ValueError("pacing needs 1 <= base <= most and a window of at least 3 rounds")
+        self.base, self.most, self.window, self.threshold = base, most, window, threshold
+        self.count, self.losses = base, []
+
+    @staticmethod
+    def trend(losses: list[float]) -> tuple[float, float]:
+        """(slope per round, its standard error) of the least-squares line through the losses."""
+        y = np.asarray(losses, dtype=np.float64)
+        x = np.arange(y.size, dtype=np.float64) - (y.size - 1) / 2
+        sxx = float(np.sum(x * x))
+        slope = float(np.sum(x * (y - y.mean())) / sxx)
+        resid = y - y.mean() - slope * x
+        return slope, math.sqrt(float(np.sum(resid * resid)) / (y.size - 2) / sxx)
+
+    def update(self, loss: float | None) -> dict:
+        """Take a round's mean reported loss (None: no report); returns the logged record."""
+        record = {"rule": "trend", "used": self.count}
+        if loss is None or not math.isfinite(loss):
+            record.update(note="no loss this round: count kept", next=self.count)
+            return record
+        self.losses.append(float(loss))
+        record["window"] = len(self.losses)
+        if len(self.losses) < self.window:
+            record["next"] = self.count
+            return record
+        slope, se = self.trend(self.losses)
+        t = slope / se if se > 0 else (-math.inf if slope < 0 else math.inf)
+        record.update(slope=slope, se=se, t=t)
+        if t > -self.threshold and self.count < self.most:
+            self.count = min(self.most, 2 * self.count)
+            self.losses = []
+            record["decision"] = "loss not falling: more directions"
+        else:
+            self.losses.pop(0)
+        record["next"] = self.count
+        return record
+
+    def state(self) -> dict:
+        return {"count": self.count, "losses": list(self.losses)}
+
+    def load(self, state: dict) -> None:
+        self.count, self.losses = int(state["count"]), [float(x) for x in state["losses"]]
 
 
 class MissWeights:

@@ -70,7 +70,7 @@ class Client:
             elif isinstance(message, Broadcast):
                 if self.replica is None or message.round != self.replica.version:
                     raise NeedsAdapter(f"client {self.id} at version {self.version} got round {message.round}")
-                advance(self.replica, p, message.round, message.entries(), self.clip, message.weights)
+                advance(self.replica, p, message.round, message.entries(), self.clip, message.weights, message.ages)
                 replayed += 1
             else:
                 raise MessageError(f"a client cannot sync from a {type(message).__name__}")
@@ -148,6 +148,9 @@ def replica_from_snapshot(snapshot: Snapshot, perturbations, rule: UpdateRule, s
     state.update({f"optimizer.{k}": v for k, v in snapshot.state.items() if k != "last_update"})
     if "last_update" in snapshot.state:  # the server tracks updates (candidate sampling): so must the client
         state["last_update"] = snapshot.state["last_update"]
+    if snapshot.memory and replica.memory is None:
+        raise MessageError("snapshot carries a client memory this run does not keep")
+    state.update({f"memory.{k}": v for k, v in (snapshot.memory or {}).items()})
     try:
         replica.load_state_dict(state)
     except Exception as exc:  # a snapshot for another adapter layout or optimizer
@@ -156,11 +159,13 @@ def replica_from_snapshot(snapshot: Snapshot, perturbations, rule: UpdateRule, s
 
 
 def snapshot_of(replica: Replica) -> Snapshot:
-    """What cannot be rebuilt from seeds: the trained values and the optimizer's state (none for plain SGD)."""
+    """What cannot be rebuilt from seeds: the trained values, the optimizer's state (none for plain SGD) and the
+    client memory (its entries are seeds and scalars)."""
     opt = replica.optimizer
     state = opt.state_dict()
     stateless = opt.kind == "sgd" and not opt.momentum
     arrays = {k: np.asarray(v, np.float32) for k, v in state.items() if k != "t" and not (stateless and k == "m")}
     if replica.last_update is not None:
         arrays["last_update"] = replica.last_update.copy()
-    return Snapshot(replica.version, replica.trained.copy(), arrays, int(state["t"]))
+    memory = replica.memory.columns() if replica.memory is not None and len(replica.memory) else None
+    return Snapshot(replica.version, replica.trained.copy(), arrays, int(state["t"]), memory)

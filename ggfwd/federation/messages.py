@@ -17,13 +17,15 @@ Records:
 - `Report` (client -> server): the K loss-difference scalars (float32) of round R, with loss statistics,
   tokens scored and forward passes; with candidates, the candidate index (uint16) of each scalar.
 - `Broadcast` (server -> clients): the round's accepted (client, scalars[, indices]) lists and, when clients
-  are not weighted equally, each client's relative weight: from these every client replays the update.
+  are not weighted equally, each client's relative weight; in asynchronous rounds, each report's age (updates
+  since the version it computed on, one byte per client while below 256): from these every client replays the
+  update.
 
 Optional fields and arrays (the candidate sampling ones) are written only when used, so a run without them
 sends the same bytes as before; a decoder that does not know them refuses them.
 - `Snapshot` (server -> a client that cannot catch up from broadcasts): the trained values (or, from older
-  servers, the whole adapter) and the optimizer state at a version. A client rebuilds the untrained values from
-  its own start adapter.
+  servers, the whole adapter), the optimizer state and the client memory (ggfwd.clientmemory) at a version. A
+  client rebuilds the untrained values from its own start adapter.
 """
 
 from __future__ import annotations
@@ -95,13 +97,15 @@ class Broadcast:
     scalars: np.ndarray  # float32, all accepted scalars, client after client
     indices: np.ndarray | None = None  # uint16 per scalar: its candidate index, when the round sampled candidates
     weights: np.ndarray | None = None  # float32 per client: relative weights in the aggregate (None: equal)
+    ages: np.ndarray | None = None  # uint16 per client: updates since the version it computed on (None: all 0)
 
     KIND = 3
 
     @classmethod
-    def of(cls, round_: int, reports: list[tuple], weights=None) -> "Broadcast":
+    def of(cls, round_: int, reports: list[tuple], weights=None, ages=None) -> "Broadcast":
         """From (client, scalars) pairs, or (client, scalars, indices) triples when the round sampled
-        candidates; `weights`: the clients' relative weights (`estimator.client_weights`), None when equal."""
+        candidates; `weights`: the clients' relative weights (`estimator.client_weights`), None when equal;
+        `ages` (asynchronous rounds): per client, None when every report is this round's."""
         clients = np.asarray([r[0] for r in reports], dtype=np.uint32)
         counts = np.asarray([len(r[1]) for r in reports], dtype=np.uint16)
         scalars = (np.concatenate([np.asarray(r[1], np.float32) for r in reports]) if reports
@@ -113,7 +117,10 @@ class Broadcast:
             indices = np.concatenate([np.asarray(r[2], np.uint16) for r in reports])
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float32)
-        return cls(round_, clients, counts, scalars, indices, weights)
+        if ages is not None and not any(int(a) for a in ages):
+            ages = None
+        return cls(round_, clients, counts, scalars, indices, weights,
+                   None if ages is None else np.asarray(ages, np.uint16))
 
     def entries(self) -> list[tuple]:
         """(client, scalars) pairs in order; (client, scalars, indices) triples when the round sampled
@@ -131,8 +138,14 @@ class Snapshot:
     theta: np.ndarray  # float32: the trained values (over the run's mask), or the adapter's full flat vector
     state: dict = field(default_factory=dict)  # optimizer arrays (float32) by name
     steps: int = 0  # the optimizer's update count
+    memory: dict | None = None  # client memory columns (clientmemory.ClientMemory.columns), when the run keeps one
 
     KIND = 4
+
+
+# A snapshot's client memory: column -> wire dtype (sent as arrays named "memory.<column>")
+MEMORY_COLUMNS = {"clients": "u32", "counts": "u16", "scalars": "f32", "versions": "u32", "weights": "f32",
+                  "indices": "u16"}
 
 
 KINDS = {cls.KIND: cls for cls in (Instruction, Report, Broadcast, Snapshot)}
@@ -153,7 +166,8 @@ _FIELDS = {
 _OPTIONAL = {Instruction: {"candidates": (_INT, 0, MAX_CANDIDATES, 0), "sampling": (_INT, 0, 2, 0),
                            "start": (_INT, 0, 2**32 - 1, 0), "spread": (_INT, 0, 1, 0)}}
 _OPTIONAL_ARRAYS = {Report: {"indices": ("u16", MAX_DIRECTIONS)},
-                    Broadcast: {"indices": ("u16", MAX_ROUND_SCALARS), "weights": ("f32", MAX_ROUND_SCALARS)}}
+                    Broadcast: {"indices": ("u16", MAX_ROUND_SCALARS), "weights": ("f32", MAX_ROUND_SCALARS),
+                                "ages": (("u8", "u16"), MAX_ROUND_SCALARS)}}
 _ARRAYS = {
     Report: {"scalars": ("f32", MAX_DIRECTIONS)},
     Broadcast: {"clients": (("b1", "d8", "u16", "u32"), MAX_ROUND_SCALARS), "counts": ("u16", MAX_ROUND_SCALARS),
@@ -188,10 +202,13 @@ def encode(record) -> bytes:
     for name, (dtype, _) in _OPTIONAL_ARRAYS.get(cls, {}).items():
         if getattr(record, name) is not None:
             arrays[name] = (dtype, getattr(record, name))
+    if cls is Broadcast and record.ages is not None:  # one byte per client while every age is below 256
+        arrays["ages"] = ("u8" if int(record.ages.max(initial=0)) < 256 else "u16", record.ages)
     if cls is Broadcast:
         arrays.update(_compact_broadcast(record))
     if cls is Snapshot:
         arrays.update({f"state.{k}": ("f32", v) for k, v in sorted(record.state.items())})
+        arrays.update({f"memory.{k}": (MEMORY_COLUMNS[k], v) for k, v in (record.memory or {}).items()})
     payload, specs = [], []
     for name, (dtype, value) in arrays.items():
         data = np.ascontiguousarray(value, dtype=_DTYPES[dtype])
@@ -252,7 +269,8 @@ def decode(data: bytes, expect=None):
         raise MessageError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
     if cls is Snapshot:
         state = {k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
-        record = Snapshot(values["version"], arrays["theta"], state, values["steps"])
+        memory = {k.removeprefix("memory."): v for k, v in arrays.items() if k.startswith("memory.")}
+        record = Snapshot(values["version"], arrays["theta"], state, values["steps"], memory or None)
     else:
         record = cls(**values, **arrays)
     _check_record(record)
@@ -328,6 +346,8 @@ def _arrays(cls, specs, body: bytes) -> dict:
             want_dtype, limit = allowed[name]
         elif cls is Snapshot and name.startswith("state.") and len(name) <= 64:
             want_dtype, limit = "f32", MAX_SNAPSHOT_VALUES
+        elif cls is Snapshot and name.removeprefix("memory.") in MEMORY_COLUMNS and name.startswith("memory."):
+            want_dtype, limit = MEMORY_COLUMNS[name.removeprefix("memory.")], MAX_ROUND_SCALARS
         else:
             raise MessageError(f"{cls.__name__} has an unexpected array '{name}'")
         allowed_types = want_dtype if isinstance(want_dtype, tuple) else (want_dtype,)
@@ -346,6 +366,8 @@ def _arrays(cls, specs, body: bytes) -> dict:
             out[name] = np.flatnonzero(np.unpackbits(out[name], bitorder="little"))
         if name == "clients":
             out[name] = out[name].astype(np.uint32)
+        if name == "ages":
+            out[name] = out[name].astype(np.uint16)
         offset += size
     if offset != len(body):
         raise MessageError(f"{cls.__name__} carries {len(body) - offset} bytes no array accounts for")
@@ -381,5 +403,23 @@ def _check_record(record) -> None:
         if record.weights is not None and (record.weights.size != record.clients.size or
                                            not np.all(np.isfinite(record.weights)) or np.any(record.weights <= 0)):
             raise MessageError("Broadcast weights must be one positive finite number per client")
+        if record.ages is not None and record.ages.size != record.clients.size:
+            raise MessageError("Broadcast ages must be one number per client")
+        if record.ages is not None and np.any(record.ages.astype(np.int64) > record.round):
+            raise MessageError("Broadcast ages reach before version 0")
+    if isinstance(record, Snapshot) and record.memory is not None:
+        m = record.memory
+        needed = set(MEMORY_COLUMNS) - {"indices"}
+        if not needed <= set(m):
+            raise MessageError(f"Snapshot memory lacks {sorted(needed - set(m))}")
+        n = m["clients"].size
+        if any(m[k].size != n for k in ("counts", "versions", "weights")) or np.any(m["counts"] == 0) \
+                or int(m["counts"].astype(np.int64).sum()) != m["scalars"].size \
+                or ("indices" in m and m["indices"].size != m["scalars"].size):
+            raise MessageError("Snapshot memory columns do not fit together")
+        if len(set(m["clients"].tolist())) != n or not np.all(np.isfinite(m["scalars"])) \
+                or not np.all(np.isfinite(m["weights"])) or np.any(m["weights"] <= 0) \
+                or np.any(m["versions"].astype(np.int64) > record.version):
+            raise MessageError("Snapshot memory lists a client twice, a bad value or a version from the future")
     if isinstance(record, Snapshot) and not np.all(np.isfinite(record.theta)):
         raise MessageError("Snapshot carries non-finite adapter values")

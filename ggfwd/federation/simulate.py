@@ -21,7 +21,7 @@ Rules (documented in docs/federation.md):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -29,7 +29,9 @@ from .. import sampling
 from ..errors import UserError
 from ..estimator import WEIGHTINGS, passes_per_step
 from ..trainer import Trainer
-from .allocation import ALLOCATIONS, PACINGS, Cost, MissWeights, VariancePacer, allocate
+from ..clientmemory import MAX_STALENESS
+from ..update import Replica
+from .allocation import ALLOCATIONS, PACINGS, Cost, MissWeights, TrendPacer, VariancePacer, allocate
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
 from .history import History
@@ -41,6 +43,7 @@ _SELECT_STREAM = 0x5E1EC7
 _INSTRUCTION_BOUND = 256  # bytes: an instruction is about 120-150 (tested)
 _REPORT_BOUND = 320  # bytes of a report beyond its 4-byte scalars and 2-byte indices (about 160; tested)
 HOSTILE_KINDS = ("scale", "nan", "signs")
+MODES = ("sync", "async")
 # Settings a run folder written before they existed ran with: such a run resumes with these.
 SAVED_BEFORE = {"weighting": "directions"}  # every direction alike, the rule before client balancing
 
@@ -67,6 +70,10 @@ class FedConfig:
     downweight: float = 0.0  # > 0: sampling down-weights clients that miss deadlines (their miss count's decay)
     sampling: str = "random"  # random | discriminative | unbiased (directions among `candidates`)
     candidates: int = 64  # candidate directions per client and round for discriminative/unbiased sampling
+    # Heterogeneous fleets (asynchronous.py, clientmemory.py)
+    mode: str = "sync"  # sync: rounds of selected clients | async: clients work back to back, an update per
+    #                     `clients_per_round` reports
+    max_staleness: int = 0  # > 0: client memory; reports and memory entries count while at most this many updates old
 
     def check(self) -> None:
         if self.clients < 1:
@@ -103,6 +110,16 @@ class FedConfig:
             raise UserError(f"--downweight must lie in [0, 1), got {self.downweight}")
         if not 1 <= self.candidates <= MAX_CANDIDATES:
             raise UserError(f"--candidates must lie in [1, {MAX_CANDIDATES}], got {self.candidates}")
+        if self.mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if not 0 <= self.max_staleness <= MAX_STALENESS:
+            raise UserError(f"--max-staleness must lie in [0, {MAX_STALENESS}], got {self.max_staleness}")
+        if self.mode == "async":
+            if self.max_staleness < 1:
+                raise UserError("--mode async needs --max-staleness >= 1 (how many updates old a report may be)")
+            if self.allocation != "uniform" or self.pacing == "variance" or self.deadline or self.downweight:
+                raise UserError("--mode async gives every client --directions per job (or --pacing trend): it "
+                                "cannot be combined with --allocation, --pacing variance, --deadline or --downweight")
 
     def device_names(self) -> list[str]:
         """One profile name per client, from the `devices` spec."""
@@ -158,18 +175,25 @@ class Federation(Trainer):
         c, f = self.config, self.fed
         labels = getattr(self.train_data, "labels", None)
         self.parts = partition(f.partition, labels, len(self.train_data), f.clients, c.seed)
+        rule = self.rule = replace(c.update_rule(), max_staleness=f.max_staleness)
+        if f.max_staleness:  # every replica keeps the client memory
+            self.replica = Replica(self.adapter.params, self.perturbations.index, rule)
         # The clients take turns on the one loaded model, so they can share the estimator's buffers; their data,
         # replicas and seeds stay their own.
-        self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, c.update_rule(), c.clip,
+        self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, rule, c.clip,
                                start=self.adapter.params) for i, part in enumerate(self.parts)]
         for client in self.clients:
             client.track = f.sampling != "random"
         self.start_digest = start_digest(self.adapter.params)
         self.server = Server(self.replica, self.perturbations, c.clip, f.max_lag, f.weighting,
-                             {i: len(part) for i, part in enumerate(self.parts)}, History(self.rundir))
+                             {i: len(part) for i, part in enumerate(self.parts)}, History(self.rundir),
+                             asynchronous=f.mode == "async")
         self.hostile, self.hostile_kind = f.hostile_clients()
         base = f.target or f.clients_per_round * c.directions
-        self.pacer = VariancePacer(base, max(base, f.pacing_max)) if f.pacing == "variance" else None
+        if f.mode == "async":  # the count is the directions of one client's job
+            base = c.directions
+        self.pacer = (VariancePacer(base, max(base, f.pacing_max)) if f.pacing == "variance" else
+                      TrendPacer(base, max(base, f.pacing_max)) if f.pacing == "trend" else None)
         self.misses = MissWeights(f.clients, f.downweight) if f.downweight else None
         if f.sampling != "random":
             self.replica.track_updates()  # every replica ranks candidates against the last update
@@ -252,8 +276,11 @@ class Federation(Trainer):
             losses.append(est.loss)
             clients_scalars[str(i)] = [float(x) for x in report.scalars]
         _, agg, reason = self.server.close_round(r, accepted)
-        if self.pacer is not None:  # the clipped scalars, so that an outlier cannot inflate the count
+        if isinstance(self.pacer, TrendPacer):
+            plan["pacing"] = self.pacer.update(float(np.mean(losses)) if losses else None)
+        elif self.pacer is not None:  # the clipped scalars, so that an outlier cannot inflate the count
             plan["pacing"] = self.pacer.update([np.clip(a[1], -agg.threshold, agg.threshold) for a in accepted])
+        plan["update_shares"] = self.server.last_shares
         if self.misses is not None:
             self.misses.update(sorted(events["late"] + events["skipped"]))
         seconds = round_time(times, deadline)
@@ -354,9 +381,11 @@ def traffic(records: list[dict]) -> dict:
     """From a run's metrics: mean bytes per instructed client and round, up and down (joins and snapshots
     apart); how many clients joined and the mean and largest bytes a join cost (the history of broadcasts, or
     a snapshot); snapshots sent to clients too far behind to replay, and their mean size."""
-    rounds = [r for r in records if r.get("step", 0) > 0 and "selected" in r]
-    instructed = sum(len(r["selected"]) for r in rounds) or 1
-    reports = sum(len(r["client_seconds"]) for r in rounds) or 1
+    rounds = [r for r in records if r.get("step", 0) > 0 and "bytes_up" in r]
+    # synchronous rounds list the selected clients; asynchronous updates count the jobs started and arrived
+    instructed = sum(len(r["selected"]) if "selected" in r else r.get("jobs_started", 0) for r in rounds) or 1
+    reports = sum(len(r["client_seconds"]) if "client_seconds" in r else
+                  len(r.get("arrivals", {})) + len(r.get("refused", {})) for r in rounds) or 1
     snapshot_bytes = sum(r.get("snapshot_bytes", 0) for r in rounds)
     join_bytes = sum(r.get("join_bytes", 0) for r in rounds)
     joined = sum(r.get("joined", 0) for r in rounds)
