@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 
 from ..progress import progress_bar
-from .train import _inputs_given, _previous_metrics, resolve_run
+from ..modelstats import ModelStats
+from ..run import assemble, inputs_given, plan_run
+from .train import _previous_metrics
 from .options import LR_SCALE_MAX_OPTION, LR_SCALING_OPTION, MEMORY_OPTION, SPREAD_OPTION, flag
 
 err = Console(stderr=True)
@@ -82,61 +84,14 @@ def federate_command(
     resume: bool = flag("--resume", help="Continue the federation in --out from its last checkpoint."),
     verbose: bool = flag("--verbose", "-v", help="Show llama.cpp's log."),
 ):
-    from ..federation.asynchronous import AsyncFederation
-    from ..federation.simulate import Federation
-
     steps = rounds
     given = {k: v for k, v in locals().items() if k in _FED_OPTIONS and v is not None}
-    run = resolve_run("federate", given, _inputs_given(locals()), out, resume, DEMO)
-    config, inputs = run.config, run.inputs
     fed_given = {k: v for k, v in locals().items() if k in _FEDERATION_OPTIONS and v is not None}
-    fed = _federation_config(fed_given, None if run.state is None else run.state["federation"])
-    fed.check()
-    profiles = _load_profiles(fed.device_names(), profiles_dir)
-    from ..modelstats import ModelStats
-
-    stats = ModelStats.from_gguf(inputs.model)
-    with inputs.session_settings(threads).open(inputs.model, verbose=verbose) as session:
-        train_data, eval_data_t, init = inputs.load(session, config.seed)
-        run.out.mkdir(parents=True, exist_ok=True)
-        kind = AsyncFederation if fed.mode == "async" else Federation
-        federation = kind(session, init, train_data, config, run.out, eval_data=eval_data_t, inputs=inputs,
-                          fed=fed, profiles=profiles, model_stats=stats)
-        if resume:
-            federation.resume()
-        _run_live(federation, run.out)
-
-
-def _federation_config(given: dict, saved: Optional[dict]):
-    """The federation's settings: from the options (demo defaults filled in) for a new run; from the run folder
-    when resuming, refusing options that would change them (a resumed federation keeps its clients and data)."""
-    from dataclasses import fields
-
-    from ..errors import UserError
-    from ..federation.simulate import SAVED_BEFORE, FedConfig
-
-    if saved is not None:
-        known = {f.name for f in fields(FedConfig)}
-        fed = FedConfig(**{**SAVED_BEFORE, **{k: v for k, v in saved.items() if k in known}})
-        for k, v in given.items():
-            if v != getattr(fed, k):
-                raise UserError(f"--{k.replace('_', '-')} {v} differs from the run's {getattr(fed, k)}; a resumed "
-                                f"federation keeps its clients, devices and partition (only --rounds may change)")
-        return fed
-    if "devices" not in given and "clients" not in given:
-        given["devices"] = DEMO_DEVICES
-    return FedConfig(**given)
-
-
-def _load_profiles(names: list[str], folder: Optional[Path]) -> list:
-    from ..profiles import load_profile
-
-    dirs = [folder] if folder else None
-    cache = {}
-    for name in names:
-        if name not in cache:
-            cache[name] = load_profile(name, dirs=dirs)
-    return [cache[name] for name in names]
+    run = plan_run("federate", given, inputs_given(locals()), out, resume, DEMO, fed_given, {"devices": DEMO_DEVICES})
+    profiles = run.profiles(profiles_dir)
+    stats = ModelStats.from_gguf(run.inputs.model)
+    with run.inputs.session_settings(threads).open(run.inputs.model, verbose=verbose) as session:
+        _run_live(assemble(run, session, profiles=profiles, model_stats=stats), run.out)
 
 
 def _run_live(fed, out: Path) -> None:

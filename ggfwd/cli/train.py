@@ -9,8 +9,6 @@ loss noise floor and curvature on two batches and reports the eps it would choos
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +20,15 @@ from ..errors import UserError
 from ..estimator import passes_per_step
 from ..progress import progress_bar
 from ..session import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, SessionSettings
-from ..trainer import TrainConfig, Trainer, batch_indices, read_metrics, read_state
+from ..run import assemble, inputs_given, plan_run
+from ..trainer import TrainConfig, batch_indices, read_metrics
 from .options import LR_SCALE_MAX_OPTION, LR_SCALING_OPTION, MEMORY_OPTION, SPREAD_OPTION, flag
 
 err = Console(stderr=True)
 
-# Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see docs/convergence.md, "The default recipe").
-DEMO = dict(train_limit=2000, eval_limit=256, steps=150, eval_every=50)
+# Demo settings, chosen by measurement on Gemma-3-270M Q4_K_M (see docs/convergence.md, "The default recipe");
+# the demo's data limits are ggfwd.run.DEMO_LIMITS.
+DEMO = dict(steps=150, eval_every=50)
 CALIBRATION_BATCHES = 2  # train --calibrate measures on the run's first two batches
 
 # CLI option name -> TrainConfig field, for the options that shape the trajectory.
@@ -38,69 +38,13 @@ _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer",
                   "lr_scale_max", "spread")
 
 
-@dataclass
-class ResolvedRun:
-    config: TrainConfig
-    inputs: object  # RunInputs
-    out: Path
-    calibration: dict | None
-    state: dict | None  # the saved state when resuming
+def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path], resume: bool, demo: dict):
+    """`ggfwd.run.plan_run` without a federation (kept for the Flower server's command until it plans its run
+    itself)."""
+    return plan_run(kind, given, inputs_given, out, resume, demo)
 
 
-def _inputs_given(options: dict) -> dict:
-    """The RunInputs fields a command was given (None: not given); paths made absolute."""
-    absolute = lambda p: None if p is None else str(Path(p).resolve())
-    return {k: (absolute(options.get(k)) if k in ("model", "adapter", "data", "eval_data") else options.get(k))
-            for k in ("model", "adapter", "data", "eval_data", "task", "train_limit", "min_words", "eval_limit",
-                      "rank", "alpha", "targets", "max_tokens", "memory")}
-
-
-def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path], resume: bool,
-                demo_defaults: dict) -> ResolvedRun:
-    """The settings and inputs of a new run, or those saved in `out` when resuming (a changed setting other
-    than --steps, or a changed input, is refused). Everything is validated here, before anything is written."""
-    from ..demo import demo_model, sst2_file
-    from ..inputs import RunInputs, refuse_changed
-
-    if isinstance(given.get("layers"), str):
-        given["layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in given["layers"].split(",") if x.strip()]
-    state = None
-    if resume:
-        if out is None:
-            raise UserError("--resume needs --out RUNDIR")
-        state = read_state(out)
-        config = TrainConfig.from_dict(state["config"])
-        for key, value in given.items():
-            if key != "steps" and value != getattr(config, key):
-                raise UserError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(config, key)}; "
-                                "a resumed run keeps its settings (only --steps may change)")
-        if "steps" in given:
-            config.steps = given["steps"]
-        inputs = RunInputs.from_dict(state["meta"])
-        refuse_changed(inputs, inputs_given)
-        calibration = state["meta"].get("calibration")
-    else:
-        demo = inputs_given["model"] is None and inputs_given["data"] is None
-        config = TrainConfig(**{**asdict(TrainConfig()), **(demo_defaults if demo else {}), **given})
-        config.check()
-        chosen = {k: v for k, v in inputs_given.items() if v is not None}
-        chosen.setdefault("data", str(sst2_file("train")))
-        if demo:
-            chosen.setdefault("eval_data", str(sst2_file("dev")))
-            chosen.setdefault("train_limit", DEMO["train_limit"])
-            chosen.setdefault("eval_limit", DEMO["eval_limit"])
-        if "model" not in chosen:
-            chosen["model"] = str(demo_model())
-        inputs = RunInputs(**chosen)
-        calibration = None
-        out = out or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
-        if (out / "state.json").exists():
-            raise UserError(f"{out} already holds a run: use --resume to continue it or choose another --out")
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a folder")
-    config.check()
-    inputs.check()
-    return ResolvedRun(config, inputs, Path(out), calibration, state)
+_inputs_given = inputs_given
 
 
 def train_command(
@@ -150,26 +94,22 @@ def train_command(
     if calibrate and (resume or eps is not None):
         raise UserError("--calibrate chooses eps for a new run: it excludes --eps and --resume")
     given = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS and v is not None}
-    run = resolve_run("train", given, _inputs_given(locals()), out, resume,
-                      {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]})
-    config, inputs, out, calibration = run.config, run.inputs, run.out, run.calibration
+    run = plan_run("train", given, inputs_given(locals()), out, resume,
+                   {"steps": DEMO["steps"], "eval_every": DEMO["eval_every"]})
+    config = run.config
     if calibrate and config.scheme != "central":
         raise UserError(f"--calibrate models central differences; with --scheme {config.scheme} give --eps")
 
-    with inputs.session_settings(threads).open(inputs.model, verbose=verbose) as session:
-        train_data, eval_data_t, init = inputs.load(session, config.seed)
+    with run.inputs.session_settings(threads).open(run.inputs.model, verbose=verbose) as session:
+        loaded = run.load(session)
         if calibrate:
+            train_data, init = loaded[0], loaded[2]
             plans = [session.plan(train_data.subset(batch_indices(config.seed, step, len(train_data), config.batch_size)))
                      for step in range(CALIBRATION_BATCHES)]
             cal = _calibrate(session, init, plans, config)
-            config.eps, calibration = cal.eps, cal.as_dict()
+            config.eps, run.calibration = cal.eps, cal.as_dict()
             err.print(f"training with the calibrated eps {cal.eps:g}")
-        out.mkdir(parents=True, exist_ok=True)  # only once the data and model have been accepted
-        trainer = Trainer(session, init, train_data, config, out, eval_data=eval_data_t, inputs=inputs,
-                          calibration=calibration)
-        if resume:
-            trainer.resume()
-        _run_live(trainer, out)
+        _run_live(assemble(run, session, loaded), run.out)
 
 
 def _calibrate(session, adapter, plans, config: TrainConfig, directions: int = 4, candidates=None):

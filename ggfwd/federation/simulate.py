@@ -155,6 +155,13 @@ class FedConfig:
         return set(range(self.clients - n, self.clients)), kind
 
 
+def check_federation(config, fed: FedConfig) -> None:
+    """A federation's settings, and the rules between them and the training settings."""
+    fed.check()
+    if config.spread == "batches" and fed.sampling != "random":
+        raise UserError("--spread batches scores random directions: it cannot be combined with --sampling")
+
+
 class Federation(Trainer):
     """`Trainer` whose step is a federated round. Extra arguments: `fed` (FedConfig), `profiles` (client ->
     DeviceProfile) and `model_stats` (the base model's ModelStats for the speed model)."""
@@ -163,9 +170,7 @@ class Federation(Trainer):
 
     def __init__(self, session, adapter, train_data, config, rundir, eval_data=None, inputs=None,
                  calibration=None, *, fed: FedConfig, profiles: list, model_stats):
-        fed.check()
-        if config.spread == "batches" and fed.sampling != "random":
-            raise UserError("--spread batches scores random directions: it cannot be combined with --sampling")
+        check_federation(config, fed)
         if len(profiles) != fed.clients:
             raise ValueError("one profile per client")
         self.fed, self.profiles, self.model_stats = fed, profiles, model_stats
