@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .clientmemory import ClientMemory
+from .clientmemory import ClientMemory, staleness_weight
 from .errors import UserError
 from .optimizer import Optimizer
 
@@ -62,7 +62,8 @@ class UpdateRule:
     weight_decay: float = 0.0
     lr_scaling: str = "none"
     lr_scale_max: float = 0.0
-    max_staleness: int = 0  # > 0: updates reuse each client's latest report this many rounds (clientmemory.py)
+    max_staleness: int = 0  # > 0: reports count while at most this many updates old (asynchronous rounds)
+    client_memory: bool = True  # with max_staleness: every update reuses each client's latest report (clientmemory.py)
 
     def make_optimizer(self, n: int) -> Optimizer:
         return Optimizer(n, self.optimizer, self.lr, self.schedule, self.warmup, self.total_steps,
@@ -92,7 +93,7 @@ class Replica:
         self.version = int(version)
         self.last_update: np.ndarray | None = None  # kept once `track_updates` is called (candidate sampling)
         # every client's latest report, reused by later updates (None: an update uses its own round's reports)
-        self.memory = ClientMemory(rule.max_staleness) if rule.max_staleness else None
+        self.memory = ClientMemory(rule.max_staleness) if rule.max_staleness and rule.client_memory else None
 
     def track_updates(self) -> None:
         """Keep the change each applied update makes to the trained values (`last_update`, zero until the first
@@ -167,17 +168,22 @@ def advance(replica: Replica, perturbations, step: int, reports, clip: float = 0
     rule's step size for the directions averaged. Returns (Aggregate, rejection reason or None). The server
     runs it on the reports it accepted; each client runs it on the broadcast of the same reports.
 
-    With client memory (`rule.max_staleness` > 0) the reports first replace their clients' entries (`ages`: per
-    report, how many updates old the version it computed on is, which also seeded its directions; None: all 0),
-    and the update averages every entry still within the staleness limit."""
+    `ages`: per report, how many updates old the version it computed on is (which also seeded its directions;
+    None: all 0). A stale report counts at its client weight x `staleness_weight(age)` (FedBuff). With client
+    memory the reports first replace their clients' entries, and the update averages every entry still within
+    the staleness limit."""
     from .estimator import aggregate
 
     if step != replica.version:
         raise ValueError(f"replica is at version {replica.version}, cannot apply update {step}")
     if replica.memory is None:
-        if ages is not None and any(int(a) for a in ages):
-            raise ValueError("stale reports need client memory (max_staleness > 0)")
-        agg = aggregate(perturbations, step, reports, clip, weights=weights)
+        if ages is not None and any(int(a) for a in ages):  # stale reports, counted once each (no memory)
+            weights = [(1.0 if weights is None else float(weights[j])) * staleness_weight(int(a))
+                       for j, a in enumerate(ages)]
+            agg = aggregate(perturbations, step, reports, clip, weights=weights,
+                            draws=[step - int(a) for a in ages])
+        else:
+            agg = aggregate(perturbations, step, reports, clip, weights=weights)
     else:
         replica.memory.admit(step, reports, weights, ages)
         rows, row_weights, row_draws = replica.memory.rows(step)

@@ -63,7 +63,10 @@ RUNS = {
     "c3": ("(c) with at least 3 contributing clients", {**SPEED, "min_clients": 3}),
     "m": ("asynchronous + client memory", {"mode": "async", "max_staleness": "auto"}),
     "mt": ("(m) + trend pacing", {"mode": "async", "max_staleness": "auto", "pacing": "trend", "pacing_max": 4}),
+    "m1": ("(m) at the base step (no lr scaling)", {"mode": "async", "max_staleness": "auto", "lr_scaling": "none"}),
+    "f": ("asynchronous, no memory (FedBuff)", {"mode": "async", "max_staleness": "auto", "client_memory": False}),
 }
+TRAIN_SETTINGS = ("lr_scaling",)  # RUNS settings that belong to TrainConfig
 
 
 def parse(argv):
@@ -95,6 +98,7 @@ def parse(argv):
                    help="simulated seconds at which runs are evaluated with --budget (points past it are dropped, "
                         "the budget is added)")
     p.add_argument("--max-staleness", type=int, default=64, help="(m): how many updates old a report may count")
+    p.add_argument("--max-lag", type=int, default=0, help="rounds a client replays from broadcasts (0: --rounds)")
     p.add_argument("--targets", default="0.80,0.83,0.85")
     p.add_argument("--stop-at", type=float, default=0.85, help="stop a run at its first evaluation >= this (0: never)")
     p.add_argument("--runs", default="a,c,a2,b,d,e")
@@ -162,9 +166,10 @@ def run_all(args) -> None:
             settings = dict(RUNS[name][1])
             fed_kw = dict(clients=len(names), clients_per_round=args.per_round, devices=args.devices,
                           partition=f"dirichlet:{args.alpha}", max_directions=args.max_directions,
-                          candidates=args.candidates, max_lag=args.rounds)
+                          candidates=args.candidates, max_lag=args.max_lag or args.rounds)
             cfg = TrainConfig(steps=args.rounds, eval_every=0 if args.budget else args.eval_every,
-                              batch_size=args.batch_size, lr=args.lr, eps=args.eps, seed=seed, clip=args.clip)
+                              batch_size=args.batch_size, lr=args.lr, eps=args.eps, seed=seed, clip=args.clip,
+                              **{k: settings.pop(k) for k in TRAIN_SETTINGS if k in settings})
             if settings.get("max_staleness") == "auto":
                 settings["max_staleness"] = args.max_staleness
             out = args.out / label
@@ -189,7 +194,7 @@ def run_all(args) -> None:
                     pending.pop(0)
                 return hit
 
-            evals = []
+            evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]
             while run.counters.step < cfg.steps and not (args.budget and run.counters.sim_seconds >= args.budget):
                 run.run(stop_after=1 if args.budget else args.eval_every, evaluate_now=due if args.budget else None)
                 evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]

@@ -83,6 +83,23 @@ def test_memory_replays_bitwise_on_every_replica_and_slow_clients_count_while_fr
         decode(encode(bad))
 
 
+def test_without_memory_each_report_counts_once_at_its_staleness_weight(tiny, tmp_path, far):  # noqa: F811
+    cfg = config(steps=20, eval_every=0)
+    run = async_federation(tiny, tmp_path / "run", cfg, ["fast", "fast", "slow", far], max_staleness=30,
+                           client_memory=False)
+    run.run()
+    assert run.replica.memory is None
+    rs = rounds(run)
+    for r in rs:
+        assert sorted(map(int, r["update_shares"])) == sorted(r["accepted"])
+        ages = {str(i): a["age"] for i, a in r["arrivals"].items()}
+        assert {i: age for i, (_, age) in r["update_shares"].items()} == ages
+    assert any(age > 0 for r in rs for a in r["arrivals"].values() for age in [a["age"]])
+    for client in run.clients:
+        client.sync([decode(m) for m in run.server.catch_up(client.version)])
+        assert np.array_equal(client.replica.theta, run.server.replica.theta)
+
+
 def test_reports_older_than_the_staleness_limit_are_refused_and_the_client_starts_again(tiny, tmp_path, far):  # noqa: F811
     cfg = config(steps=60, eval_every=0)
     run = async_federation(tiny, tmp_path / "run", cfg, ["fast", "fast", far], max_staleness=5)

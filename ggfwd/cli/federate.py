@@ -27,7 +27,7 @@ _FED_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer", "
                 "spread")
 _FEDERATION_OPTIONS = ("clients", "devices", "partition", "clients_per_round", "deadline", "max_lag", "weighting", "dropout",
                        "hostile", "allocation", "pacing", "target", "max_directions", "min_clients", "pacing_max",
-                       "downweight", "sampling", "candidates", "mode", "max_staleness")
+                       "downweight", "sampling", "candidates", "mode", "max_staleness", "client_memory")
 
 
 def federate_command(
@@ -37,7 +37,8 @@ def federate_command(
     rounds: Optional[int] = typer.Option(None, "--rounds", help=f"Rounds (one update each) \\[default: {DEMO['steps']}]."),
     clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round (among those online); with --mode async, reports per update \\[default: 4]."),
     mode: Optional[str] = typer.Option(None, "--mode", help="sync: rounds of sampled clients; async: every client works back to back, an update per --clients-per-round reports (needs --max-staleness) \\[default: sync]."),
-    max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Client memory: every update reuses each client's latest report while it is at most this many updates old (0: off) \\[default: 0]."),
+    max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Reports count while at most this many updates old, and with client memory every update reuses each client's latest report that long (0: off) \\[default: 0]."),
+    client_memory: Optional[bool] = typer.Option(None, "--client-memory/--no-client-memory", help="With --max-staleness: keep every client's latest report for later updates (MIFA), or count each report once at its staleness weight (FedBuff) \\[default: client memory]."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Simulated seconds a round waits for reports (0: waits for all) \\[default: 0]."),
     max_lag: Optional[int] = typer.Option(None, "--max-lag", help="Most rounds a client (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values \\[default: 1000]."),
     weighting: Optional[str] = typer.Option(None, "--weighting", help="Clients' weights in a round's update: examples (by training-set size, capped at 4x the round's median), equal, or directions (every direction the same) \\[default: examples]."),

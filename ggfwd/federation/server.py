@@ -135,8 +135,9 @@ class Server:
         else:
             entries = broadcast.entries()
             weights = [1.0] * len(entries) if broadcast.weights is None else [float(x) for x in broadcast.weights]
-            w = {e[0]: weights[j] for j, e in enumerate(entries) if np.all(np.isfinite(e[1]))}
-            ages = dict.fromkeys(w, 0)
+            age = [0] * len(entries) if broadcast.ages is None else [int(a) for a in broadcast.ages]
+            w = {e[0]: weights[j] * staleness_weight(age[j]) for j, e in enumerate(entries) if np.all(np.isfinite(e[1]))}
+            ages = {e[0]: age[j] for j, e in enumerate(entries)}
         total = sum(w.values()) or 1.0
         return {str(c): [round(v / total, 4), ages[c]] for c, v in sorted(w.items())}
 
@@ -154,7 +155,7 @@ class Server:
             raise ValueError(f"server is at version {self.version}, cannot close round {round_}")
         reports = sorted(accepted, key=lambda cs: cs[0])
         ages = [round_ - self._accepted[r[0]].version if r[0] in self._accepted else 0 for r in reports]
-        population = list(self.examples.values()) if self.replica.memory is not None and self.examples else None
+        population = list(self.examples.values()) if self.max_staleness and self.examples else None
         weights = client_weights(self.weighting, reports, self.examples, population=population)
         broadcast = Broadcast.of(round_, reports, weights, ages)
         data = encode(broadcast)

@@ -73,7 +73,8 @@ class FedConfig:
     # Heterogeneous fleets (asynchronous.py, clientmemory.py)
     mode: str = "sync"  # sync: rounds of selected clients | async: clients work back to back, an update per
     #                     `clients_per_round` reports
-    max_staleness: int = 0  # > 0: client memory; reports and memory entries count while at most this many updates old
+    max_staleness: int = 0  # > 0: reports (and memory entries) count while at most this many updates old
+    client_memory: bool = True  # with max_staleness: every update reuses each client's latest report
 
     def check(self) -> None:
         if self.clients < 1:
@@ -180,8 +181,8 @@ class Federation(Trainer):
         c, f = self.config, self.fed
         labels = getattr(self.train_data, "labels", None)
         self.parts = partition(f.partition, labels, len(self.train_data), f.clients, c.seed)
-        rule = self.rule = replace(c.update_rule(), max_staleness=f.max_staleness)
-        if f.max_staleness:  # every replica keeps the client memory
+        rule = self.rule = replace(c.update_rule(), max_staleness=f.max_staleness, client_memory=f.client_memory)
+        if f.max_staleness:  # every replica keeps the staleness limit (and the client memory)
             self.replica = Replica(self.adapter.params, self.perturbations.index, rule)
         # The clients take turns on the one loaded model, so they can share the estimator's buffers; their data,
         # replicas and seeds stay their own.
