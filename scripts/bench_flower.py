@@ -9,8 +9,14 @@ and prints
   - bytes per node and round, measured at the Flower message level (the serialized Message, RecordDict and
     ConfigRecord objects Flower pushes, before HTTP/TLS framing) next to the ggfwd records they carry; the
     join (adapter snapshot) apart;
-  - wall seconds per round of each, and their difference: what Flower adds for the same work (each node handles a
-    message in a fresh process that loads the model; the nodes run in parallel, the in-process clients in turn);
+  - wall seconds per round of each, and their difference: what Flower adds for the same work (each node's warm
+    worker scores; the nodes run in parallel, the in-process clients in turn);
+  - where a Flower round's time goes, on the critical path (the node whose reply came last), from the times the
+    ServerApp and each ClientApp record with GGFWD_TIMING=1 (one machine: one clock): down (push to the
+    ClientApp process's start: SuperNode poll, message transfer, SuperExec poll, fork), Flower's ClientApp
+    runtime (pull the task, install the app bundle, load the app), worker (the node's scoring, through the
+    local channel), up (ClientApp end to the reply's arrival: push, SuperNode's hand-over, transfer, ServerApp
+    pull), and the server's own part (aggregate, checkpoint, build the next messages);
   - whether the two adapters are bitwise equal.
 
     python scripts/bench_flower.py --threads 1                    # Gemma-3-270M, SST-2; a few minutes
@@ -121,10 +127,12 @@ def run_flower(args, d: dict, work: Path) -> tuple[Path, float]:
     logs, procs = work / "logs", []
     logs.mkdir(exist_ok=True)
 
+    env = {**os.environ, "GGFWD_TIMING": "1"}
+
     def start(name, *a):
         with open(logs / f"{name}.log", "wb") as log:
             procs.append(subprocess.Popen([*cmd, *map(str, a)], stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, cwd=work))
+                                          start_new_session=True, cwd=work, env=env))
         return procs[-1]
 
     started = time.monotonic()
@@ -198,6 +206,36 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def breakdown(work: Path, nodes: int, rounds: list[dict]) -> dict | None:
+    """Mean seconds of each part of a train exchange on its critical path (see the module's docstring), over the
+    rounds after the first (in the first, a node's worker may still be opening the model: it warms up right
+    after answering the hello)."""
+    def lines(path):
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    exchanges = [e for e in lines(work / "flower" / "flower-timing.jsonl") if e["kind"] == "train"]
+    exchanges = exchanges[1:] if len(rounds) > 1 else exchanges
+    rounds = rounds[1:] if len(rounds) > 1 else rounds
+    apps = [a for i in range(nodes) for a in lines(work / f"state{i}" / "timing.jsonl") if a["kind"] == "train"]
+    parts = []
+    for e in exchanges:
+        if not e["replies"]:
+            continue
+        node, arrived = max(e["replies"].items(), key=lambda kv: kv[1])
+        app = [a for a in apps if str(a["node"]) == node and e["push"] <= a["in"] <= arrived]
+        if len(app) != 1 or app[0].get("process") is None or "call_s" not in app[0]:
+            continue
+        a = app[0]
+        parts.append({"exchange": arrived - e["push"], "down": a["process"] - e["push"],
+                      "runtime": a["in"] - a["process"], "worker": a["call_s"],
+                      "clientapp": a["out"] - a["in"] - a["call_s"], "up": arrived - a["out"]})
+    if not parts:
+        return None
+    out = {k: mean(p[k] for p in parts) for k in parts[0]}
+    out["server"] = mean(r["round_seconds"] for r in rounds) - out["exchange"] * len(exchanges) / max(1, len(rounds))
+    return out
+
+
 def summarize(flower: list[dict], local: list[dict], equal: bool, flower_seconds: float) -> dict:
     rounds = [r for r in flower if r.get("step", 0) > 0]
     steady = [r for r in rounds if r["snapshots"] == 0 and not r.get("joiners")]
@@ -240,6 +278,12 @@ def report(s: dict, args) -> None:
     print(f"round wall seconds: flower {s['flower_round_s']:.2f} (first {s['flower_first_round_s']:.2f}, later "
           f"{s['flower_later_round_s']:.2f}), in-process {s['in_process_round_s']:.2f}; Flower adds "
           f"{s['flower_round_s'] - s['in_process_round_s']:.2f} s per round")
+    if s.get("breakdown"):
+        b = s["breakdown"]
+        print(f"a Flower round after the first, critical path (s): down {b['down']:.2f} (SuperNode poll, transfer, SuperExec poll, "
+              f"fork) + ClientApp runtime {b['runtime']:.2f} + worker {b['worker']:.2f} + ClientApp rest "
+              f"{b['clientapp']:.2f} + up {b['up']:.2f} (push, SuperNode hand-over, transfer, ServerApp pull) = "
+              f"exchange {b['exchange']:.2f}; server {b['server']:.2f}")
     print(f"flower run end to end (SuperLink start to exit): {s['flower_total_s']:.1f} s")
     print(f"adapters bitwise equal: {'yes' if s['bitwise_equal'] else 'NO'}")
 
@@ -283,6 +327,7 @@ def main() -> None:
 
     equal = bool(np.array_equal(LoraAdapter.load(out / "adapter.gguf").params, theta))
     s = summarize(read_metrics(out), local, equal, seconds)
+    s["breakdown"] = breakdown(work, args.nodes, [r for r in read_metrics(out) if r.get("step", 0) > 0])
     report(s, args)
     if args.json:
         args.json.write_text(json.dumps(s, indent=1))

@@ -1,7 +1,10 @@
-"""ggfwd serve / join on real Flower processes (flower-superlink, flower-supernode) on 127.0.0.1, with a tiny
-model scored by llama.cpp: the result equals the in-process federation bitwise; a node killed mid-round does not
-stall the round past its deadline; a restarted server resumes from its checkpoint; with TLS and node
-authentication an unregistered node is refused.
+"""ggfwd serve / join on real Flower processes (flower-superlink, flower-supernode, their SuperExecs and the
+node workers) on 127.0.0.1, with a tiny model scored by llama.cpp: 8 SuperNodes reach the in-process
+federation's adapter bitwise; a node killed mid-round does not stall the round past its deadline; a node worker
+killed mid-round is restarted and the node trains again; a restarted server resumes from its checkpoint; with TLS
+and node authentication an unregistered node is refused; the README's LAN commands run as written from a fresh
+folder; the Control API refuses a connection that comes from the network; the worker refuses a frame with a
+wrong node secret or over its size bound.
 
 Every process a test starts is stopped by its pid at the end, pass or fail (with Flower's own children, some of
 which it starts in sessions of their own: they are found by the ports of the test). Needs flwr (Python >= 3.11):
@@ -65,19 +68,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def client_files(paths: dict, n: int, folder: Path) -> list[Path]:
+    """The training rows split into n IID client files exactly as the in-process federation splits them."""
+    rows = Path(paths["train"]).read_text().splitlines()
+    files = []
+    for i, part in enumerate(partition("iid", None, len(rows), n, seed=3)):
+        path = folder / f"client{i}-of-{n}.jsonl"
+        path.write_text("".join(rows[j] + "\n" for j in part))
+        files.append(path)
+    return files
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny model and task, and the training rows split into 3 IID client files exactly as the in-process
-    federation splits them."""
+    """The tiny model and task, and the training rows split into 3 IID client files."""
     root = tmp_path_factory.mktemp("flower")
     paths = make_tiny(root, n_train=96, n_eval=32)
-    rows = Path(paths["train"]).read_text().splitlines()
-    parts = partition("iid", None, len(rows), 3, seed=3)
-    paths["clients"] = []
-    for i, part in enumerate(parts):
-        path = root / f"client{i}.jsonl"
-        path.write_text("".join(rows[j] + "\n" for j in part))
-        paths["clients"].append(path)
+    paths["clients"] = client_files(paths, 3, root)
     (root / "profiles").mkdir()
     (root / "profiles" / "always.toml").write_text(PROFILE)
     paths["profiles"] = root / "profiles"
@@ -153,14 +160,14 @@ def cluster(tmp_path):
     c.stop()
 
 
-def serve_args(tiny, out, port, rounds, *extra):
+def serve_args(tiny, out, port, rounds, *extra, clients=3):
     return ["serve", "--model", tiny["model"], "--data-eval", tiny["eval"], "--task", tiny["task"], "--rounds", rounds,
-            "--clients", 3, "--host", "127.0.0.1", "--port", port, "--threads", 1, "--eval-every", 0,
+            "--clients", clients, "--host", "127.0.0.1", "--port", port, "--threads", 1, "--eval-every", 0,
             "--out", out, "--wait", 120, *SETTINGS, *extra]
 
 
-def join(cluster, tiny, i, port, state, *extra, client_id=True):
-    return cluster.start(f"node{i}", "join", "--server", f"127.0.0.1:{port}", "--data", tiny["clients"][i],
+def join(cluster, tiny, i, port, state, *extra, client_id=True, data=None):
+    return cluster.start(f"node{i}", "join", "--server", f"127.0.0.1:{port}", "--data", (data or tiny["clients"])[i],
                          "--profile", "laptop-x86", "--model", tiny["model"], "--task", tiny["task"], "--threads", 1,
                          "--local-port", cluster.port(), "--state", state / f"node{i}",
                          *(["--client-id", i] if client_id else []), *extra)
@@ -187,8 +194,8 @@ def wait_round(out: Path, step: int, seconds: float) -> None:
     pytest.fail(f"round {step} was not committed within {seconds} s")
 
 
-def in_process(tiny, out: Path, rounds: int):
-    """The in-process federation with the same seeds, clients and data (3 clients, IID, 2 per round)."""
+def in_process(tiny, out: Path, rounds: int, clients: int = 3, per_round: int = 2):
+    """The in-process federation with the same seeds, clients and data (IID)."""
     from ggfwd.federation.simulate import FedConfig, Federation
     from ggfwd.inputs import RunInputs
     from ggfwd.modelstats import ModelStats
@@ -200,8 +207,8 @@ def in_process(tiny, out: Path, rounds: int):
                       eval_every=0)
     inputs = RunInputs(model=str(tiny["model"]), data=str(tiny["train"]), eval_data=str(tiny["eval"]),
                        task=str(tiny["task"]), rank=4, max_tokens=64)
-    fed = FedConfig(clients=3, clients_per_round=2, partition="iid", max_lag=10)
-    profiles = [load_profile("always", dirs=[tiny["profiles"]])] * 3
+    fed = FedConfig(clients=clients, clients_per_round=per_round, partition="iid", max_lag=10)
+    profiles = [load_profile("always", dirs=[tiny["profiles"]])] * clients
     with SessionSettings(max_tokens=64, threads=1).open(inputs.model) as session:
         train, evaluation, adapter = inputs.load(session, cfg.seed)
         out.mkdir()
@@ -213,18 +220,19 @@ def in_process(tiny, out: Path, rounds: int):
 
 # ----------------------------------------------------------------------------- the key test
 @pytest.mark.slow
-def test_three_supernodes_reach_the_in_process_adapter_bitwise(tiny, tmp_path, cluster):
-    rounds = 4
+def test_eight_supernodes_reach_the_in_process_adapter_bitwise(tiny, tmp_path, cluster):
+    rounds, n, per_round = 4, 8, 4
+    data = client_files(tiny, n, tmp_path)
     port = cluster.port()
     out = tmp_path / "served"
-    serve = cluster.start("serve", *serve_args(tiny, out, port, rounds, "--clients-per-round", 2, "--min-nodes", 3,
-                                               "--deadline", 120, "--insecure"))
-    for i in range(3):
-        join(cluster, tiny, i, port, tmp_path, "--insecure")
+    serve = cluster.start("serve", *serve_args(tiny, out, port, rounds, "--clients-per-round", per_round,
+                                               "--min-nodes", n, "--deadline", 120, "--insecure", clients=n))
+    for i in range(n):
+        join(cluster, tiny, i, port, tmp_path, "--insecure", data=data)
     started = time.monotonic()
-    assert wait_for(serve, 400, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
+    assert wait_for(serve, 600, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
     served_seconds = time.monotonic() - started
-    theta, initial, reference = in_process(tiny, tmp_path / "inproc", rounds)
+    theta, initial, reference = in_process(tiny, tmp_path / "inproc", rounds, n, per_round)
     served = LoraAdapter.load(out / "adapter.gguf").params
     assert np.array_equal(served, theta), "the Flower federation's adapter differs from the in-process one"
     got = [r for r in metrics(out) if r["step"] > 0]
@@ -234,7 +242,8 @@ def test_three_supernodes_reach_the_in_process_adapter_bitwise(tiny, tmp_path, c
         assert a["bytes_up"] == b["bytes_up"]  # the same report records crossed
         assert set(a["wire_up"]) == {str(c) for c in a["accepted"]} and min(a["wire_up"].values()) > 0
     assert len(got) == rounds and not np.array_equal(served, initial)
-    print(f"served {rounds} rounds in {served_seconds:.0f} s")
+    assert all(r["nodes"] == n for r in got)
+    print(f"served {rounds} rounds with {n} nodes in {served_seconds:.0f} s")
 
 
 # ----------------------------------------------------------------------------- faults
@@ -295,7 +304,190 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(tiny, tmp_path,
     assert (out / "server.log").read_text().count("joined as client") == 1
     link = (out / "flower" / "superlink.log").read_text(errors="replace")
     assert "No SuperNode found with the given public key" in link  # node 1 was refused by the SuperLink
-    assert "Uvicorn running on https://" in link  # TLS
+    assert "Fleet API only on https://" in link  # TLS
+
+
+def worker_of(state: Path) -> tuple[int, int]:
+    """(pid, port) of a node's worker, from its worker.json (waits for it)."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            d = json.loads((state / "worker.json").read_text())
+            return d["pid"], d["port"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    pytest.fail(f"no worker.json in {state}")
+
+
+@pytest.mark.slow
+def test_a_node_worker_killed_mid_round_is_restarted_and_trains_again(tiny, tmp_path, cluster):
+    """The worker of node 2 is frozen, a round's message reaches it (its ClientApp connects and waits), then it
+    is killed: the round closes without client 2 and well within its deadline, `join` starts a new worker, and
+    client 2 trains again in a later round from the replica its node folder kept."""
+    port = cluster.port()
+    out = tmp_path / "run"
+    deadline = 60
+    serve = cluster.start("serve", *serve_args(tiny, out, port, 4, "--clients-per-round", 3, "--min-nodes", 3,
+                                               "--deadline", deadline, "--insecure"))
+    for i in range(3):
+        join(cluster, tiny, i, port, tmp_path, "--insecure")
+    wait_round(out, 1, 300)
+    pid, wport = worker_of(tmp_path / "node2")
+    assert pid in cluster.pids([cluster.procs["node2"]])  # a child of ggfwd join
+    os.kill(pid, signal.SIGSTOP)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:  # the next round's ClientApp has connected to the frozen worker
+        if any(c.raddr and c.raddr.port == wport and c.status == psutil.CONN_ESTABLISHED
+               for c in psutil.net_connections("tcp")):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no ClientApp connected to the frozen worker")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(serve, 400, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
+    new_pid, _ = worker_of(tmp_path / "node2")
+    assert new_pid != pid and "restarting it" in cluster.log("node2")
+    rounds = [r for r in metrics(out) if r["step"] > 0]
+    hit = [r for r in rounds if 2 not in r["accepted"]]
+    assert len(hit) == 1 and hit[0]["step"] >= 2, [(r["step"], r["accepted"]) for r in rounds]
+    assert "2" in hit[0].get("refused", {}) or 2 in hit[0].get("lost", [])
+    assert hit[0]["round_seconds"] < deadline  # closed as soon as the node said its worker was gone
+    assert any(2 in r["accepted"] for r in rounds if r["step"] > hit[0]["step"]), "client 2 did not train again"
+    assert len(rounds) == 4
+
+
+@pytest.mark.slow
+def test_the_readme_lan_commands_run_as_written_and_the_control_api_stays_off_the_network(tiny, tmp_path, cluster):
+    """README.md's 'Federate across machines' commands, run from a fresh folder with relative paths: `ggfwd
+    certs` verbatim; `ggfwd serve` verbatim plus the tiny model, task and evaluation rows in place of the demo
+    model's defaults, and a free port for 9092; on each node, in a folder holding what the README says to copy
+    (ca.pem, node-I.key, the GGUF under the README's file name) and its data as my.jsonl, `ggfwd join` verbatim
+    with 127.0.0.1:PORT for 192.168.1.20:9092, plus --local-port (3 nodes on one host) and --threads 1. While it
+    runs, the Control API answers 403 to a connection from this machine's network address, and listens on
+    loopback only."""
+    import re
+    import shutil
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands = re.findall(r"^(ggfwd (?:certs|serve|join) .*?)(?:\s+#.*)?$", readme.replace("\\\n", " "), re.M)
+    certs, serve_line, join_line = (next(c for c in commands if c.startswith(f"ggfwd {k}"))
+                                    for k in ("certs", "serve", "join"))
+    assert "--host 192.168.1.20" in certs and "--server 192.168.1.20:9092" in join_line and "--port 9092" in serve_line
+    words = lambda line: " ".join(line.split()).split()[1:]  # noqa: E731
+    lan = tmp_path / "lan"
+    lan.mkdir()
+    for name in ("model", "task", "eval"):
+        shutil.copy(tiny[name], lan / Path(tiny[name]).name)
+    port = cluster.port()
+    r = subprocess.run([*COMMAND, *words(certs)], cwd=lan, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+    def start(name, args, cwd):
+        log = open(cluster.folder / f"{name}.log", "wb")
+        cluster.procs[name] = subprocess.Popen([*COMMAND, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+        log.close()
+        return cluster.procs[name]
+
+    serve_words = [str(port) if w == "9092" else w for w in words(serve_line)]
+    serve = start("serve", [*serve_words, "--model", Path(tiny["model"]).name, "--task", Path(tiny["task"]).name,
+                            "--data-eval", Path(tiny["eval"]).name, "--threads", "1"], lan)
+    gguf = next(w for w in words(join_line) if w.endswith(".gguf"))
+    for i in range(3):
+        node = tmp_path / f"device{i}"
+        node.mkdir()
+        shutil.copy(lan / "certs" / "ca.pem", node / "ca.pem")
+        shutil.copy(lan / "certs" / f"node-{i}.key", node / f"node-{i}.key")
+        shutil.copy(tiny["model"], node / gguf)
+        shutil.copy(tiny["clients"][i], node / "my.jsonl")
+        args = [w.replace("192.168.1.20:9092", f"127.0.0.1:{port}").replace("node-0.key", f"node-{i}.key")
+                for w in words(join_line)]
+        start(f"node{i}", [*args, "--local-port", str(cluster.port()), "--threads", "1"], node)
+    out = lan / "runs" / "lan"
+    wait_round(out, 1, 300)
+
+    # the Control API: refused from the network, served on loopback only
+    here = next(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                if a.family == socket.AF_INET and not a.address.startswith("127."))
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE  # only the answer matters here
+    request = urllib.request.Request(f"https://{here}:{port}/v1/control/list-runs", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=insecure, timeout=30)
+    assert refused.value.code == 403
+    with pytest.raises(urllib.error.HTTPError) as fleet:  # the Fleet API is served there (an empty call is bad)
+        urllib.request.urlopen(urllib.request.Request(f"https://{here}:{port}/v1/fleet/pull-messages", data=b"",
+                                                      method="POST"), context=insecure, timeout=30)
+    assert fleet.value.code != 403
+    link = next(q for q in psutil.Process(serve.pid).children(recursive=True)
+                if "superlink" in " ".join(q.cmdline()))
+    listening = {(c.laddr.ip, c.laddr.port) for c in link.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert ("0.0.0.0", port) in listening and len(listening) == 2, listening
+    control = next(a for a in listening if a[1] != port)
+    assert control[0] == "127.0.0.1"
+    assert str(control[1]) in (out / "flower" / "config.toml").read_text()  # where flwr run submitted the run
+
+    assert wait_for(serve, 900, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
+    rounds = [r for r in metrics(out) if r["step"] > 0]
+    assert len(rounds) == 30 and all(r["nodes"] == 3 and len(r["accepted"]) == 3 for r in rounds)
+    assert (out / "adapter.gguf").is_file()
+
+
+def test_the_node_worker_refuses_a_wrong_secret_and_an_oversized_frame(tiny, tmp_path):
+    """A real worker process on the tiny model: a right message is answered; a frame with a wrong node secret
+    and a frame over the size bound are refused (connection closed, nothing answered, nothing changed)."""
+    import struct
+
+    from ggfwd.federation import worker as w
+    from ggfwd.federation.handshake import parse_hello, run_settings
+    from ggfwd.federation.messages import Broadcast, Instruction, Report, decode, encode
+    from ggfwd.federation.node import NodeSettings
+    from ggfwd.inputs import RunInputs
+    from ggfwd.trainer import TrainConfig
+
+    folder = tmp_path / "node"
+    NodeSettings(str(tiny["model"]), str(tiny["clients"][0]), "pi5", 0, 1).write(folder)
+    w.new_secret(folder)
+    proc = w.start_worker(folder)
+    try:
+        run = run_settings(TrainConfig(steps=3, batch_size=8, lr=0.02, seed=3),
+                           RunInputs(model=str(tiny["model"]), data=None, task=str(tiny["task"]), rank=4,
+                                     max_tokens=64))
+        kind, _, data = w.call(folder, "hello", run, [])
+        assert kind == "hello" and parse_hello(data[0])["version"] == -1
+        kind, _, data = w.call(folder, "train", run, [encode(Instruction(0, 0, 0, 1, 8, 0.1, 60.0))])
+        assert kind == "report" and decode(data[0], Report).round == 0
+        replica = (folder / "replica.npz").read_bytes()
+        _, port = worker_of(folder)
+        # what the refused frames carry would move the replica to version 1 if it were handled
+        step = [encode(Broadcast.of(0, [(0, np.ones(1, np.float32))])), encode(Instruction(1, 1, 0, 1, 8, 0.1, 60.0))]
+
+        def refused(frame_of) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                nonce = w._recv(sock, w.NONCE)
+                try:
+                    sock.sendall(frame_of(nonce))
+                    return sock.recv(1024)
+                except ConnectionError:
+                    return b""
+
+        body = w.pack("train", run, step)
+        assert refused(lambda nonce: w._HEAD.pack(w.MAGIC, len(body)) + w._mac(b"x" * 32, nonce, b"q", body) + body) \
+            == b""  # a wrong node secret
+        assert refused(lambda nonce: struct.pack("<4sQ", w.MAGIC, w.MAX_REQUEST + 1)) == b""  # over the bound
+        assert (folder / "replica.npz").read_bytes() == replica  # nothing changed
+        kind, _, data = w.call(folder, "hello", run, [])
+        assert parse_hello(data[0])["version"] == 0 and proc.poll() is None  # the replica it held
+        kind, _, _ = w.call(folder, "train", run, step)  # the same records, sent with the secret, are applied
+        assert kind == "report" and parse_hello(w.call(folder, "hello", run, [])[2][0])["version"] == 1
+        log = (folder / "worker.log").read_text()
+        assert "wrong node secret" in log and f"{w.MAX_REQUEST + 1} bytes, over the" in log
+    finally:
+        proc.kill()
+        proc.wait(30)
 
 
 # ----------------------------------------------------------------------------- the command lines
@@ -390,6 +582,7 @@ def test_a_node_asks_for_the_adapter_when_it_cannot_reach_the_version(tiny, tmp_
     assert node.train(run, [stale, instruction])[0] == "report"
     with pytest.raises(MessageError):
         node.train(run, [instruction, instruction])
+    node.close()
     for bad in (b"x" * 2000, b"[]", b'{"client": 1}', json.dumps({"client": True, "version": 0, "profile": "",
                                                                   "examples": 1}).encode()):
         with pytest.raises(MessageError):

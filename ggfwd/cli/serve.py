@@ -2,12 +2,18 @@
 
 `serve` starts a Flower SuperLink and launches ggfwd's Flower app on it (`flwr run` of the bundle shipped in
 the package, with runtime dependency installation off and Flower's settings in a folder of the run); it waits
-for the run, showing the rounds as they are committed, and stops what it started. `join` writes the node's
-settings into its node folder and becomes a Flower SuperNode that runs ggfwd's ClientApp. `certs` makes a CA,
-a server certificate and node keys for a LAN.
+for the run, showing the rounds as they are committed, and stops what it started. The SuperLink serves only its
+Fleet API on --host:--port; its Control and runtime APIs listen on a loopback port of their own
+(`federation/launch.py`). `join` writes the node's settings into its node folder and supervises three processes
+until the SuperNode ends: the node worker that holds the model, data and replica (`federation/worker.py`,
+restarted if it dies), a Flower SuperNode, and the SuperExec that forks its per-message ClientApps, which only
+forward each message to the worker. `certs` makes a CA, a server certificate and node keys for a LAN.
 
-flwr is imported only by the processes these start (`ggfwd.federation.flower_app`); this module checks that it
-is installed and otherwise says how to install it.
+Every path option is resolved against the folder the command is run from before anything starts, since Flower's
+processes run in other folders.
+
+flwr is imported only by the processes these start (`ggfwd.federation.flower_app`, `ggfwd.federation.launch`);
+this module checks that it is installed and otherwise says how to install it.
 """
 
 from __future__ import annotations
@@ -63,8 +69,21 @@ def _env(flwr_home: Path) -> dict:
     env["FLWR_HOME"] = str(flwr_home)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # Flower spawns its tools
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no post to Flower's servers from every ClientApp process
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no look-up of a newer flwr
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # a message's process starts within 0.1 s (Flower: 1)
     return env
+
+
+def _launch(kind: str, option: str, value: str, args: list[str]) -> list[str]:
+    """Flower's SuperLink, SuperNode or SuperExec started through `ggfwd.federation.launch` (see there why)."""
+    return [sys.executable, "-m", "ggfwd.federation.launch", kind, option, value, "--", *args]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _quote(path: Path) -> str:
@@ -135,9 +154,7 @@ def _connection(home: Path, address: str, files: dict | None) -> None:
 def _register(keys: list[Path], link_cmd: list[str], home: Path, env: dict, files: dict, log: Path) -> None:
     """Register the nodes' public keys in the SuperLink's database through a SuperLink on a private loopback
     port, so that the public one never runs without them (a node refused once does not try again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_loopback_port()
     _connection(home, f"127.0.0.1:{port}", files)
     with open(log, "ab") as logf:
         link = subprocess.Popen([*link_cmd, "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=logf,
@@ -172,7 +189,7 @@ def serve_command(
     max_lag: int = typer.Option(1000, "--max-lag", help="Most rounds a node (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values."),
     weighting: str = typer.Option("examples", "--weighting", help="Nodes' weights in a round's update: examples (by the training-set size a node reports, capped at 4x the round's median), equal, or directions."),
     clip: Optional[float] = typer.Option(None, "--clip", help="Limit scalars to CLIP x the median client's median |s| (0: off) \\[default: 0; 5 in the demo]."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on (0.0.0.0: every interface)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink's Fleet API listens on (0.0.0.0: every interface); its Control API listens on loopback only."),
     port: int = typer.Option(9092, "--port", help="Port of the SuperLink (nodes join HOST:PORT)."),
     certs: Optional[Path] = typer.Option(None, "--certs", help="Folder with ca.pem, server.pem, server.key (ggfwd certs DIR)."),
     insecure: bool = flag("--insecure", help="Serve without TLS (test networks only)."),
@@ -207,8 +224,11 @@ def serve_command(
 
     steps = rounds
     given = {k: v for k, v in locals().items() if k in _SERVE_OPTIONS and v is not None}
+    # the ServerApp runs in another folder: every path is made absolute here
     if task is not None and Path(task).is_file():
-        task = str(Path(task).resolve())  # the ServerApp runs in another folder
+        task = str(Path(task).resolve())
+    model, eval_data = (p.resolve() if p is not None else None for p in (model, eval_data))
+    out = out.resolve() if out is not None else None
     inputs_given = _inputs_given({"model": model, "eval_data": eval_data, "task": task, "min_words": min_words,
                                   "eval_limit": eval_limit, "rank": rank, "alpha": alpha, "targets": targets,
                                   "max_tokens": max_tokens})
@@ -255,28 +275,31 @@ def serve_command(
     overrides = f"run-dir = {json.dumps(str(out.resolve()))}\nggfwd-run = {json.dumps(settings)}\n"
     atomic_write(home / "run-config.toml", lambda f: f.write(overrides.encode()))
     (out / "server-error.txt").unlink(missing_ok=True)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where this machine reaches the Fleet API
     env = _env(home)
     # the SuperLink's state in the run folder: registered nodes outlive a restart of `ggfwd serve` (a SuperNode
     # that the SuperLink no longer knows stops)
-    link_cmd = [_tool("flower-superlink"), "--database", str(home / "superlink.db"),
-                "--disable-runtime-dependency-installation"]
-    link_cmd += ["--insecure"] if insecure else ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile",
-                                                 str(files["cert"]), "--ssl-keyfile", str(files["key"])]
+    link_args = ["--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
+    link_args += ["--insecure"] if insecure else ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile",
+                                                  str(files["cert"]), "--ssl-keyfile", str(files["key"])]
     if node_keys is not None:
-        link_cmd.append("--enable-supernode-auth")
+        link_args.append("--enable-supernode-auth")
+    link_cmd = [_tool("flower-superlink"), *link_args]
+    control = _free_loopback_port()  # Control and runtime APIs: loopback only
     link_log, run_log = home / "superlink.log", home / "flwr-run.log"
     link = flwr_run = None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if node_keys is not None:  # registered before any node can reach the SuperLink
             _register(keys, link_cmd, home, env, files, link_log)
-        _connection(home, f"{local}:{port}", files)
+        _connection(home, f"127.0.0.1:{control}", files)
         with open(link_log, "ab") as logf:
-            link = subprocess.Popen([*link_cmd, "--host", host, "--port", str(port)], env=env, stdout=logf,
-                                    stderr=subprocess.STDOUT, cwd=home)
+            link = subprocess.Popen(_launch("superlink", "--public", f"{host}:{port}",
+                                            [*link_args, "--host", "127.0.0.1", "--port", str(control)]),
+                                    env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=home)
+        _wait_port("127.0.0.1", control, link, link_log)
         _wait_port(local, port, link, link_log)
-        err.print(f"[bold]ggfwd serve[/] -> {out}  (SuperLink on {host}:{port}, "
+        err.print(f"[bold]ggfwd serve[/] -> {out}  (SuperLink's Fleet API on {host}:{port}, "
                   f"{'TLS' if not insecure else 'no TLS'}{', node keys ' + str(len(keys)) if node_keys else ''}; "
                   f"nodes join with: ggfwd join --server HOST:{port} ...)")
         with open(run_log, "ab") as logf:
@@ -339,6 +362,7 @@ def join_command(
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads (default: physical cores)."),
     memory: Optional[str] = MEMORY_OPTION,
     local_port: int = typer.Option(9094, "--local-port", help="Port of this node's local Flower runtime API (distinct per node on one host)."),
+    poll: float = typer.Option(0.25, "--poll", help="Seconds the SuperNode waits between asking the server for a message (Flower's own: 3)."),
 ):
     from ..federation.node import NodeSettings
     from ..profiles import load_profile
@@ -349,8 +373,12 @@ def join_command(
         raise UserError("give --ca ca.pem (TLS) or --insecure")
     if ca is not None and not ca.is_file():
         raise UserError(f"--ca file not found: {ca}")
-    # the SuperNode and its ClientApp processes run in other folders: every path is made absolute here
-    ca, key, state = (p.resolve() if p is not None else None for p in (ca, key, state))
+    # the SuperNode, its ClientApp processes and the node worker run in other folders: every path is made absolute
+    ca, key, state, data, model = (p.resolve() if p is not None else None for p in (ca, key, state, data, model))
+    if task is not None and Path(task).is_file():
+        task = str(Path(task).resolve())
+    if not 0.01 <= poll <= 3:
+        raise UserError(f"--poll must lie in [0.01, 3] seconds, got {poll}")
     if key is not None and (insecure or not key.is_file()):
         raise UserError("--key needs TLS (--ca) and an existing private key file")
     if not 0 < local_port < 65536:
@@ -368,16 +396,23 @@ def join_command(
     path = settings.write(state)
     home = state / "flower"
     home.mkdir(exist_ok=True)
-    cmd = [_tool("flower-supernode"), "--superlink", f"{host}:{port}", "--port", str(local_port),
-           "--node-config", f"ggfwd-node={_quote(path.resolve())}"]
-    cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
+    args = ["--superlink", f"{host}:{port}", "--port", str(local_port), "--isolation", "process",
+            "--node-config", f"ggfwd-node={_quote(path.resolve())}"]
+    args += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
     if key is not None:
-        cmd += ["--auth-supernode-private-key", str(key)]
+        args += ["--auth-supernode-private-key", str(key)]
     err.print(f"[bold]ggfwd join[/] {host}:{port} as {profile} with {data} ({'TLS' if not insecure else 'no TLS'}"
-              f"{', node key' if key else ''}); node folder {state}")
+              f"{', node key' if key else ''}); node folder {state}; node worker log {state / 'worker.log'}")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, _env(home))  # this process becomes the SuperNode (same pid)
+    from ..federation.worker import supervise
+
+    superexec = lambda pid: _launch("superexec", "--zygote", "yes", [  # noqa: E731
+        "--insecure", "--runtime-api-address", f"127.0.0.1:{local_port}", "--parent-pid", str(pid)])
+    code = supervise(state, _launch("supernode", "--poll", str(poll), args), _env(home),
+                     say=lambda line: err.print(f"ggfwd join: {line}"), superexec_cmd=superexec)
+    if code:
+        raise typer.Exit(code)
 
 
 # ----------------------------------------------------------------------------- certs

@@ -1,8 +1,11 @@
-"""The Flower ServerApp and ClientApp of `ggfwd serve` / `ggfwd join`: the only module that imports flwr.
+"""The Flower ServerApp and ClientApp of `ggfwd serve` / `ggfwd join` (with `launch`, the only modules that import
+flwr).
 
 Both are thin: the ServerApp runs `remote.run_server` with a transport over Flower's Grid, the ClientApp hands
-each message to `node.Node`. What travels is the federation's own records (`messages.encode`), as a list of
-bytes values in one ConfigRecord:
+each message to the node's warm worker (`worker.call`: a loopback connection authenticated with the node's
+secret) and returns its reply. The ClientApp imports neither llama_cpp nor ggfwd's training code: Flower starts
+a fresh process for every message (forked from a pre-imported zygote, see `launch`), and this one only forwards.
+What travels is the federation's own records (`messages.encode`), as a list of bytes values in one ConfigRecord:
 
     RecordDict({"ggfwd": ConfigRecord({"kind": "hello" | "train" | "report" | "need" | "error",
                                        "m": [record bytes, ...], "text": "reason of an error"})})
@@ -11,6 +14,16 @@ Hellos go as QUERY messages, rounds as TRAIN messages. The bytes on the wire are
 level: the serialized size of every object Flower pushes for a message (the Message, its RecordDict and its
 ConfigRecord, as `deflate()` gives them), before HTTP and TLS framing.
 
+No idle polling on the hot path: the ServerApp pushes a round's instructions (`grid.push_messages`) and pulls the
+replies every `PULL_EVERY` seconds until all are in or the round's deadline passes, instead of
+`grid.send_and_receive`, which sleeps 3 s between pulls.
+
+Timing (for `scripts/bench_flower.py`, off unless GGFWD_TIMING=1 is in the environment of `ggfwd serve` and
+`ggfwd join`): the ServerApp appends each exchange's push time and each reply's arrival time to
+RUNDIR/flower-timing.jsonl, and each ClientApp appends its process start, its start and end of handling and the
+worker call's duration to NODE_FOLDER/timing.jsonl. On one machine the clocks agree, so a round's time splits into
+its parts.
+
 Settings reach the apps through Flower's configs: the run config `run-dir` (the server's run folder, read by the
 ServerApp) and `ggfwd-run` (the run settings every node checks, `handshake.run_settings`), and each SuperNode's
 node config `ggfwd-node` (its node.json, written by `ggfwd join`).
@@ -18,17 +31,22 @@ node config `ggfwd-node` (its node.json, written by `ggfwd join`).
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..errors import UserError
 from .messages import MessageError
-from .remote import REPLY_KINDS, Reply
+from .worker import ChannelError, call
 
 KEY = "ggfwd"
 MAX_REPLY = 1 << 20  # bytes of records in one reply (a report is < 20 KiB)
 MAX_REQUEST = 1 << 30  # bytes of records in one request (a snapshot of a large adapter)
+REPLY_KINDS = ("hello", "report", "need", "error")  # as remote.REPLY_KINDS (not imported: the ClientApp stays light)
+PULL_EVERY = 0.02  # seconds between the ServerApp's pulls of a round's replies
 
 
 def _content(kind: str, data: list, text: str = "") -> RecordDict:
@@ -62,21 +80,36 @@ def wire_bytes(msg: Message) -> int:
 class FlowerTransport:
     """`remote.RemoteFederation`'s transport over a Flower Grid."""
 
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, timing=None):
         self.grid = grid
+        self.timing = timing  # a file to append each exchange's times to (GGFWD_TIMING=1), or None
 
     def nodes(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
     def exchange(self, kind: str, requests: dict, timeout: float):
+        from .remote import Reply
+
         if not requests:
             return {}, {}
+        end = time.monotonic() + max(0.1, timeout)
         mtype = MessageType.QUERY if kind == "hello" else MessageType.TRAIN
         messages = {node: Message(content=_content(kind, data), dst_node_id=node, message_type=mtype)
                     for node, data in requests.items()}
         sent = {node: wire_bytes(m) for node, m in messages.items()}
+        pushed_at = time.time()
+        waiting = set(self.grid.push_messages(list(messages.values())))
+        got, arrived = [], {}
+        while waiting:
+            pulled = list(self.grid.pull_messages(list(waiting)))
+            got += pulled
+            arrived.update({int(m.metadata.src_node_id): time.time() for m in pulled})
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if not waiting or time.monotonic() >= end:
+                break
+            time.sleep(min(PULL_EVERY, max(0.0, end - time.monotonic())))
         replies = {}
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=max(0.1, timeout)):
+        for reply in got:
             node = int(reply.metadata.src_node_id)
             if node not in requests:
                 continue
@@ -85,6 +118,8 @@ class FlowerTransport:
             except MessageError as exc:
                 kind_, data, text = "error", [], str(exc)
             replies[node] = Reply(kind_, data, wire_bytes(reply) if not reply.has_error() else 0, text)
+        if self.timing is not None:
+            _append(self.timing, {"kind": kind, "push": pushed_at, "replies": {str(n): t for n, t in arrived.items()}})
         return replies, sent
 
 
@@ -93,9 +128,30 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
+    from pathlib import Path
+
+    from .launch import short_object_backoff
     from .remote import run_server
 
-    run_server(str(context.run_config["run-dir"]), FlowerTransport(grid))
+    short_object_backoff()  # replies are pulled as soon as they are in (see launch.py)
+    rundir = str(context.run_config["run-dir"])
+    timing = Path(rundir) / "flower-timing.jsonl" if os.environ.get("GGFWD_TIMING") == "1" else None
+    run_server(rundir, FlowerTransport(grid, timing))
+
+
+def _append(path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _process_start() -> float | None:
+    """When this process started (Linux: /proc), for the timing breakdown; None elsewhere."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(x.split()[1]) for x in open("/proc/stat") if x.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 # ----------------------------------------------------------------------------- node side
@@ -103,19 +159,30 @@ client_app = ClientApp()
 
 
 def _handle(msg: Message, context: Context, kind: str) -> Message:
-    from .node import Node
+    """Forward the message's records to this node's worker (its folder is where node.json lies) and wrap its
+    reply; a worker that cannot be reached, or refuses, gives an error reply with the reason."""
+    from pathlib import Path
 
+    entered = time.time()
+    folder = timing = None
     try:
+        folder = Path(str(context.node_config["ggfwd-node"])).parent
         _, data, _ = _unpack(msg, (kind,), MAX_REQUEST)
-        node = Node(str(context.node_config["ggfwd-node"]))
         run = context.run_config.get("ggfwd-run")
-        if kind == "hello":
-            reply_kind, records = "hello", [node.hello(run)]
-        else:
-            reply_kind, records = node.train(run, data)
-        return Message(content=_content(reply_kind, records), reply_to=msg)
-    except (UserError, MessageError, KeyError) as exc:  # refused, with a reason the server logs
-        return Message(content=_content("error", [], " ".join(str(exc).split())), reply_to=msg)
+        if not isinstance(run, str):
+            raise MessageError("the run settings are missing")
+        called = time.time()
+        reply_kind, text, records = call(folder, kind, run, data)
+        timing = {"call_s": time.time() - called}
+        if reply_kind not in REPLY_KINDS:
+            raise MessageError(f"the node worker answered a '{reply_kind}'")
+        reply = Message(content=_content(reply_kind, records, text if reply_kind == "error" else ""), reply_to=msg)
+    except (ChannelError, MessageError, KeyError) as exc:  # refused, with a reason the server logs
+        reply = Message(content=_content("error", [], " ".join(str(exc).split())), reply_to=msg)
+    if folder is not None and os.environ.get("GGFWD_TIMING") == "1":
+        _append(folder / "timing.jsonl", {"kind": kind, "node": int(context.node_id), "process": _process_start(),
+                                          "in": entered, "out": time.time(), **(timing or {})})
+    return reply
 
 
 @client_app.query()

@@ -1,9 +1,12 @@
-"""A node's side of a remote federation (run by Flower's ClientApp for `ggfwd join`): its own data, model copy
-and replica, in a node folder that outlives each message.
+"""A node's side of a remote federation (`ggfwd join`): its own data, model copy and replica, kept warm between
+messages by the node worker (`worker.py`), with a node folder that outlives the worker.
 
 The node folder holds `node.json` (what `ggfwd join` was given: model, data, profile, client id, threads, task)
-and `replica.npz` (the node's replica of the trained state and the client id it holds, for one run). A message
-is handled in a fresh process, so everything a node keeps between rounds is in that folder, written atomically.
+and `replica.npz` (the node's replica of the trained state and the client id it holds, for one run). `Node` is
+what the worker holds for the whole run: the llama.cpp session, the tokenized local data, the version-0
+adapter, the estimator, and the replica, opened right after the run's hello (`prepare`) and reused
+by every later one; the replica is also written atomically to `replica.npz` after every catch-up, so a restarted
+worker (or a node restarted by its user) resumes from it and catches up from broadcasts or a snapshot.
 
 A train message is the records `Server.catch_up` and `Server.instruct` produced, in order. The node applies the
 snapshot or broadcasts (skipping broadcasts it already applied), answers `need` when it cannot reach the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +82,55 @@ class NodeSettings:
             raise UserError(f"node settings {path} cannot be read: {exc}") from None
 
 
+class _Warm:
+    """What a node keeps open for one run: session, data, start adapter, estimator, and its replica."""
+
+    def __init__(self, key: str, stack: ExitStack, config, train, adapter, perturbations, estimator):
+        self.key, self.stack, self.config = key, stack, config
+        self.train, self.adapter, self.perturbations, self.estimator = train, adapter, perturbations, estimator
+        self.client: int | None = None  # the client id `replica` belongs to
+        self.replica = None  # the replica as last written to replica.npz (None: read it from there)
+
+
 class Node:
     def __init__(self, settings_path: str | os.PathLike):
         self.settings = NodeSettings.read(settings_path)
         self.folder = Path(settings_path).parent
+        self.warm: _Warm | None = None
+        self._fingerprint: str | None = None
+
+    def close(self) -> None:
+        """Close the session (the next message opens it again)."""
+        warm, self.warm = self.warm, None
+        if warm is not None:
+            warm.stack.close()
+
+    def _open(self, run: dict) -> _Warm:
+        """The run's session, data and estimator: kept from an earlier message of the same run, else opened."""
+        if self.warm is not None and self.warm.key == run["key"]:
+            return self.warm
+        self.close()
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.settings.model)
+        if self._fingerprint != run["model"]:
+            raise UserError(f"{self.settings.model} is not the run's model")
+        c = run["config"]
+        inputs = run["inputs"]
+        inputs.model, inputs.data = self.settings.model, self.settings.data
+        inputs.task = self.settings.task or inputs.task
+        inputs.memory = self.settings.memory  # a device's own choice: its scalars are its own estimates
+        stack = ExitStack()
+        try:
+            session = stack.enter_context(inputs.session_settings(self.settings.threads).open(inputs.model))
+            train, _, adapter = inputs.load(session, c.seed)
+            perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
+            estimator = Estimator(session, perturbations, c.eps, c.directions, c.scheme, c.normalize)
+            session.set_adapter(adapter)
+        except BaseException:
+            stack.close()
+            raise
+        self.warm = _Warm(run["key"], stack, c, train, adapter, perturbations, estimator)
+        return self.warm
 
     # ----------------------------------------------------------------- state between messages
     def _held(self, run_key: str) -> tuple[int | None, dict | None]:
@@ -110,6 +159,14 @@ class Node:
         examples = len(load_examples(self.settings.data, task, None, run["inputs"].min_words))
         return hello_reply(client, version, self.settings.profile, examples)
 
+    def prepare(self, run_text) -> None:
+        """Open the run's session and data now (the worker calls this after answering a hello), so that the
+        first round finds them warm; a problem is left for that round's train message to report."""
+        try:
+            self._open(parse_run(run_text))
+        except Exception:  # noqa: BLE001
+            self.close()
+
     def train(self, run_text, payload: list) -> tuple[str, list[bytes]]:
         """("report", [report]) or ("need", []): the node cannot reach the instructed adapter version."""
         run = parse_run(run_text)
@@ -121,35 +178,30 @@ class Node:
         asked = self.settings.client
         if asked is not None and instruction.client != asked:
             raise MessageError(f"instructed as client {instruction.client}; this node is client {asked}")
-        if model_fingerprint(self.settings.model) != run["model"]:
-            raise UserError(f"{self.settings.model} is not the run's model")
-        c = run["config"]
-        inputs = run["inputs"]
-        inputs.model, inputs.data = self.settings.model, self.settings.data
-        inputs.task = self.settings.task or inputs.task
-        inputs.memory = self.settings.memory  # a device's own choice: its scalars are its own estimates
-        with inputs.session_settings(self.settings.threads).open(inputs.model) as session:
-            train, _, adapter = inputs.load(session, c.seed)
-            perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
-            estimator = Estimator(session, perturbations, c.eps, c.directions, c.scheme, c.normalize)
-            session.set_adapter(adapter)
-            held_client, arrays = self._held(run["key"])
+        w = self._open(run)
+        c = w.config
+        if w.replica is not None and w.client == instruction.client:
+            replica = w.replica
+        else:
             replica = None
+            held_client, arrays = self._held(run["key"])
             if arrays is not None and held_client == instruction.client:
-                replica = Replica(adapter.params, perturbations.index, c.update_rule())
+                replica = Replica(w.adapter.params, w.perturbations.index, c.update_rule())
                 replica.load_state_dict(arrays)
-            client = Client(instruction.client, train, estimator, c.seed, c.update_rule(), c.clip, replica=replica,
-                            start=adapter.params)
-            client.track = instruction.candidates > 0
-            client.check_start(instruction)
-            have = client.version
-            todo = [m for m in messages[:-1] if not (isinstance(m, Broadcast) and have is not None and m.round < have)]
-            try:
-                client.sync(todo)
-                if client.version != instruction.version:
-                    raise NeedsAdapter(f"at version {client.version}, the round needs {instruction.version}")
-            except NeedsAdapter:
-                return "need", []
-            self._keep(run["key"], client.id, client.replica)
-            report, _ = client.work(instruction)
+        w.replica = w.client = None  # until the replica on disk is this one again
+        client = Client(instruction.client, w.train, w.estimator, c.seed, c.update_rule(), c.clip, replica=replica,
+                        start=w.adapter.params)
+        client.track = instruction.candidates > 0
+        client.check_start(instruction)
+        have = client.version
+        todo = [m for m in messages[:-1] if not (isinstance(m, Broadcast) and have is not None and m.round < have)]
+        try:
+            client.sync(todo)
+            if client.version != instruction.version:
+                raise NeedsAdapter(f"at version {client.version}, the round needs {instruction.version}")
+        except NeedsAdapter:
+            return "need", []
+        self._keep(run["key"], client.id, client.replica)
+        w.replica, w.client = client.replica, client.id
+        report, _ = client.work(instruction)
         return "report", [encode(report)]
