@@ -84,11 +84,12 @@ class RunInputs:
                                memory=self.memory)
 
     def load(self, session, seed: int = 0):
-        """(training data, evaluation data or None, initial adapter), tokenized by `session`."""
+        """(training data or None, evaluation data or None, initial adapter), tokenized by `session` (no training
+        data: a Flower server's inputs, whose nodes hold the data)."""
         task = load_task(self.task)
         tok = lambda examples: tokenize_examples(examples, task, session.tokenize, session.detokenize,
                                                  self.max_tokens)
-        train = tok(load_examples(self.data, task, self.train_limit, self.min_words))
+        train = tok(load_examples(self.data, task, self.train_limit, self.min_words)) if self.data else None
         evaluation = tok(load_examples(self.eval_data, task, self.eval_limit)) if self.eval_data else None
         if self.adapter:
             adapter = LoraAdapter.load(self.adapter)

@@ -105,6 +105,14 @@ class TrainConfig:
         return UpdateRule(self.optimizer, self.lr, self.schedule, self.warmup, self.steps, self.momentum,
                           self.weight_decay, self.lr_scaling, self.lr_scale_max)
 
+    def perturbations(self, adapter: LoraAdapter) -> Perturbations:
+        """The run's seeded directions over `adapter`'s trained part."""
+        return Perturbations(adapter, self.seed, self.distribution, self.part, self.layers, self.scaling)
+
+    def estimator(self, session, perturbations: Perturbations) -> Estimator:
+        """How the run turns scores through `session` into scalars."""
+        return Estimator(session, perturbations, self.eps, self.directions, self.scheme, self.normalize)
+
     def instruction(self, step: int, client: int = 0, directions: int | None = None) -> Instruction:
         return Instruction(step, step, client, directions or self.directions, self.batch_size, self.eps,
                            float("inf"), spread=int(self.spread == "batches"))
@@ -145,8 +153,8 @@ class Trainer:
         self.run_dir = RunDir(self.rundir)
         if len(self.train_data) == 0:
             raise UserError("no training examples")
-        self.perturbations = Perturbations(self.adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
-        self.estimator = Estimator(self.session, self.perturbations, c.eps, c.directions, c.scheme, c.normalize)
+        self.perturbations = c.perturbations(self.adapter)
+        self.estimator = c.estimator(self.session, self.perturbations)
         self.replica = Replica(self.adapter.params, self.perturbations.index, c.update_rule())
         self.setup()
         self.average = IterateAverage(self.perturbations.n, c.average_decay) if c.average_decay else None

@@ -219,8 +219,8 @@ def serve_command(
     from ..federation.handshake import run_settings
     from ..federation.remote import RemoteConfig, SERVE_FILE
     from ..federation.simulate import SAVED_BEFORE
+    from ..run import inputs_given as given_inputs, plan_run
     from .federate import DEMO
-    from .train import _inputs_given, resolve_run
 
     steps = rounds
     given = {k: v for k, v in locals().items() if k in _SERVE_OPTIONS and v is not None}
@@ -229,7 +229,7 @@ def serve_command(
         task = str(Path(task).resolve())
     model, eval_data = (p.resolve() if p is not None else None for p in (model, eval_data))
     out = out.resolve() if out is not None else None
-    inputs_given = _inputs_given({"model": model, "eval_data": eval_data, "task": task, "min_words": min_words,
+    inputs_given = given_inputs({"model": model, "eval_data": eval_data, "task": task, "min_words": min_words,
                                   "eval_limit": eval_limit, "rank": rank, "alpha": alpha, "targets": targets,
                                   "max_tokens": max_tokens})
     if insecure == (certs is not None):
@@ -247,7 +247,7 @@ def serve_command(
     if not resume:  # checked before the model is looked for
         RemoteConfig(clients, clients_per_round, deadline, max_lag,
                      min_nodes if min_nodes is not None else min(clients_per_round, clients), wait, weighting).check()
-    run = resolve_run("serve", given, inputs_given, out, resume, DEMO)
+    run = plan_run("serve", given, inputs_given, out, resume, DEMO)
     config, inputs = run.config, run.inputs
     inputs.data, inputs.train_limit = None, None  # the nodes hold the training data
     if run.state is not None:

@@ -38,15 +38,6 @@ _TRAIN_OPTIONS = ("steps", "lr", "eps", "directions", "batch_size", "optimizer",
                   "lr_scale_max", "spread")
 
 
-def resolve_run(kind: str, given: dict, inputs_given: dict, out: Optional[Path], resume: bool, demo: dict):
-    """`ggfwd.run.plan_run` without a federation (kept for the Flower server's command until it plans its run
-    itself)."""
-    return plan_run(kind, given, inputs_given, out, resume, demo)
-
-
-_inputs_given = inputs_given
-
-
 def train_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base GGUF model (default: the demo Gemma-3-270M)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Initial LoRA adapter GGUF (default: a fresh one)."),

@@ -27,9 +27,8 @@ import numpy as np
 
 from ..base import check_gguf_file
 from ..errors import UserError
-from ..estimator import Estimator
 from ..files import atomic_write
-from ..perturbation import Perturbations
+from ..run import RunPlan
 from ..session import check_memory
 from ..tasks import load_examples, load_task
 from ..update import Replica
@@ -121,10 +120,11 @@ class Node:
         inputs.memory = self.settings.memory  # a device's own choice: its scalars are its own estimates
         stack = ExitStack()
         try:
+            plan = RunPlan("node", c, inputs, self.folder)
             session = stack.enter_context(inputs.session_settings(self.settings.threads).open(inputs.model))
-            train, _, adapter = inputs.load(session, c.seed)
-            perturbations = Perturbations(adapter, c.seed, c.distribution, c.part, c.layers, c.scaling)
-            estimator = Estimator(session, perturbations, c.eps, c.directions, c.scheme, c.normalize)
+            train, _, adapter = plan.load(session)
+            perturbations = c.perturbations(adapter)
+            estimator = c.estimator(session, perturbations)
             session.set_adapter(adapter)
         except BaseException:
             stack.close()

@@ -29,13 +29,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..adapter import LoraAdapter
 from ..errors import UserError
+from ..estimator import WEIGHTINGS
 from ..inputs import RunInputs
-from ..tasks import load_examples, load_task, tokenize_examples
+from ..run import RunPlan
 from ..trainer import TrainConfig, Trainer
 from .handshake import parse_hello, run_settings  # noqa: F401  (run_settings re-exported for the tests)
-from ..estimator import WEIGHTINGS
 from .history import History
 from .messages import MessageError, Snapshot, decode, start_digest
 from .server import Server
@@ -304,13 +303,7 @@ def _serve(rundir, transport, log) -> None:
     inputs = RunInputs.from_dict(spec["inputs"])
     remote = RemoteConfig(**{**SAVED_BEFORE, **spec["remote"]})
     with inputs.session_settings(spec.get("threads")).open(inputs.model) as session:
-        task = load_task(inputs.task)
-        evaluation = None
-        if inputs.eval_data:
-            examples = load_examples(inputs.eval_data, task, inputs.eval_limit)
-            evaluation = tokenize_examples(examples, task, session.tokenize, session.detokenize, inputs.max_tokens)
-        adapter = LoraAdapter.create(session.base, inputs.target_list, rank=inputs.rank, alpha=inputs.alpha,
-                                     seed=config.seed)
+        _, evaluation, adapter = RunPlan("serve", config, inputs, rundir).load(session)  # the nodes hold the data
         fed = RemoteFederation(session, adapter, config, rundir, evaluation, inputs, remote=remote,
                                transport=transport, log=log)
         if spec.get("resume"):
