@@ -110,6 +110,8 @@ def parse(argv):
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="seconds: the tiny random model, 4 rounds")
     p.add_argument("--report", action="store_true", help="print the table from the run folders in --out, no runs")
+    p.add_argument("--stopped", action="store_true",
+                   help="with --report: include runs stopped before their end (as far as they went, marked)")
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds = args.rounds if args.budget else 4
@@ -194,7 +196,7 @@ def run_all(args) -> None:
                     pending.pop(0)
                 return hit
 
-            evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]
+            evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r] if run.run_dir.has_run else []
             while run.counters.step < cfg.steps and not (args.budget and run.counters.sim_seconds >= args.budget):
                 run.run(stop_after=1 if args.budget else args.eval_every, evaluate_now=due if args.budget else None)
                 evals = [r for r in run.run_dir.read_metrics() if "eval_accuracy" in r]
@@ -245,6 +247,20 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- analysis
+def stopped_run(folder: Path, run: str, seed: int, args) -> None:
+    """A run stopped before its budget (killed for compute, with its checkpoints kept): its bench.json written
+    from its state, marked stopped, so that the report includes it as far as it went."""
+    from ggfwd.rundir import read_state
+
+    state = read_state(folder)
+    done = {"run": run, "seed": seed, "settings": state["federation"], "profiles": state["profiles"],
+            "wall_seconds": state["counters"]["seconds"] + state["counters"]["eval_seconds"],
+            "budget": args.budget, "eval_at": args.eval_at if args.budget else [], "stopped_at_target": False,
+            "stopped": None if args.budget and state["counters"]["sim_seconds"] >= args.budget else
+            f"by hand after {state['counters']['step']} updates, {state['counters']['sim_seconds']:.1f} simulated s"}
+    _write_atomic(folder / "bench.json", json.dumps(done, default=float))
+
+
 def analyse(folder: Path, targets: list[float]) -> dict:
     from ggfwd.federation.simulate import traffic
     from ggfwd.rundir import read_metrics
@@ -293,7 +309,7 @@ def analyse(folder: Path, targets: list[float]) -> dict:
             "idle_by_profile": {k: v[0] / v[1] for k, v in idle_by.items() if v[1]},
             "directions_by_profile": {k: v / max(1, sum(used.values())) for k, v in used.items()},
             "weight_by_profile": weight, "refused_reports": refused,
-            "accuracy_at": _accuracy_at(evals, done),
+            "accuracy_at": _accuracy_at(evals, done), "stopped": done.get("stopped"),
             "deadline": done["settings"].get("deadline", 0.0), "wall_seconds": done["wall_seconds"]}
 
 
@@ -311,6 +327,10 @@ def _accuracy_at(evals: list, done: dict) -> dict:
 
 
 def report(args) -> list[dict]:
+    for label, run, seed in plan(args):
+        folder = args.out / label
+        if args.stopped and (folder / "state.json").is_file() and not (folder / "bench.json").is_file():
+            stopped_run(folder, run, seed, args)
     results = [analyse(args.out / label, args.targets) for label, _, _ in plan(args)
                if (args.out / label / "bench.json").is_file()]
     if not results:
@@ -349,7 +369,7 @@ def report(args) -> list[dict]:
 def _median_range(values: list[float], fmt) -> str:
     import statistics
 
-    if not values:
+    if not values or not any(math.isfinite(v) for v in values):
         return "-"
     if len(values) == 1:
         return fmt(values[0])
@@ -402,6 +422,9 @@ def report_budget(args, results: list[dict]) -> list[dict]:
         print(f"  {r}: " + ", ".join(f"{k} {100 * mean('directions_by_profile', k):.0f}% / "
                                      f"{100 * mean('weight_by_profile', k):.0f}%" for k in profiles)
               + f"; refused reports {sum(res['refused_reports'] for res in by[r])}")
+    for res in results:
+        if res["stopped"]:
+            print(f"  {res['label']}: stopped {res['stopped']} (accuracy at later points: '-')")
     target = ts[-1]
     print()
     for r in runs:
@@ -429,9 +452,12 @@ def _plot_budget(by: dict, path: Path, targets: list[float], points: list[float]
     import matplotlib.pyplot as plt
     import numpy as np
 
+    import warnings
+
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = dict(zip(RUNS, ("tab:red", "tab:orange", "tab:purple", "tab:green", "tab:blue", "tab:olive",
-                                "tab:cyan", "tab:brown", "tab:pink", "black", "tab:gray")))
+    palette = plt.get_cmap("tab20").colors
+    colours = {r: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, r in enumerate(RUNS)}
+    warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)  # points past a stopped run
     for r, results in by.items():
         rows = []
         for res in results:

@@ -171,6 +171,15 @@ def test_broadcast_ages_travel_in_a_byte_and_bytes_stay_under_a_kib_up_to_200_di
         decode(encode(Broadcast.of(3, reports[:2], ages=[1, 9])))
 
 
+def test_auto_step_rule_is_the_base_rate_when_reports_may_be_stale(tiny, tmp_path):  # noqa: F811
+    run = async_federation(tiny, tmp_path / "run", config(steps=3, eval_every=0), ["fast"] * 3)
+    run.run()
+    assert all(r["lr"] == 0.05 and r["effective_directions"] > 1 for r in rounds(run))  # auto: none
+    sync = federation(tiny, tmp_path / "sync", config(steps=2, eval_every=0), ["fast"] * 3)
+    sync.run()
+    assert all(r["lr"] == pytest.approx(0.05 * r["effective_directions"] ** 0.5) for r in rounds(sync))
+
+
 def test_client_memory_expires_and_weights_by_staleness():
     m = ClientMemory(2)
     m.admit(0, [(0, np.ones(2, np.float32)), (1, np.ones(1, np.float32))], weights=[2.0, 1.0])

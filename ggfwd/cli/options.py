@@ -16,7 +16,7 @@ MEMORY_OPTION = typer.Option(None, "--memory", help=MEMORY_HELP)
 LR_SCALING_OPTION = typer.Option(
     None, "--lr-scaling",
     help="Step size of an update that averages N directions (over clients and their directions): linear (N x "
-         "--lr), sqrt (sqrt(N) x --lr), none, or auto (sqrt) \\[default: auto].")
+         "--lr), sqrt (sqrt(N) x --lr), none, or auto (sqrt; none with --max-staleness) \\[default: auto].")
 LR_SCALE_MAX_OPTION = typer.Option(None, "--lr-scale-max", help="Cap on that factor (0: none) \\[default: 0].")
 SPREAD_OPTION = typer.Option(
     None, "--spread",
