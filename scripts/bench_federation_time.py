@@ -309,8 +309,16 @@ def analyse(folder: Path, targets: list[float]) -> dict:
             "idle_by_profile": {k: v[0] / v[1] for k, v in idle_by.items() if v[1]},
             "directions_by_profile": {k: v / max(1, sum(used.values())) for k, v in used.items()},
             "weight_by_profile": weight, "refused_reports": refused,
-            "accuracy_at": _accuracy_at(evals, done), "stopped": done.get("stopped"),
+            "accuracy_at": _accuracy_at(evals, done), "stopped": done.get("stopped") or _capped(done, rounds),
             "deadline": done["settings"].get("deadline", 0.0), "wall_seconds": done["wall_seconds"]}
+
+
+def _capped(done: dict, rounds: list) -> str | None:
+    """Why a budgeted run ended before its budget without reaching the target: the --rounds cap."""
+    end = rounds[-1]["sim_seconds"] if rounds else 0.0
+    if done.get("budget") and end < done["budget"] and not done.get("stopped_at_target"):
+        return f"at the --rounds cap after {len(rounds)} updates, {end:.1f} simulated s"
+    return None
 
 
 def _accuracy_at(evals: list, done: dict) -> dict:
@@ -455,8 +463,7 @@ def _plot_budget(by: dict, path: Path, targets: list[float], points: list[float]
     import warnings
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    palette = plt.get_cmap("tab20").colors
-    colours = {r: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, r in enumerate(RUNS)}
+    colours = {r: plt.get_cmap("tab10").colors[i % 10] for i, r in enumerate(by)}
     warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)  # points past a stopped run
     for r, results in by.items():
         rows = []
@@ -473,6 +480,7 @@ def _plot_budget(by: dict, path: Path, targets: list[float], points: list[float]
     for t in targets:
         ax.axhline(100 * t, color="grey", linewidth=0.5, linestyle=":")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("simulated seconds")
     ax.set_ylabel("accuracy on dev rows (%): median, range shaded")
     ax.set_title("Heterogeneous fleet, same simulated-time budget (SST-2, Gemma-3-270M Q4_K_M)")
