@@ -38,7 +38,8 @@ def rounds(run):
 
 
 def test_one_async_client_with_one_report_per_update_is_ggfwd_train_bitwise(tiny, tmp_path):  # noqa: F811
-    cfg = config(clip=5.0, directions=2)
+    # the step rule given explicitly: `auto` is the base rate when reports may be stale, sqrt in `ggfwd train`
+    cfg = config(clip=5.0, directions=2, lr_scaling="sqrt")
     train, evaluation, adapter = tiny["inputs"].load(tiny["session"], cfg.seed)
     (tmp_path / "train").mkdir()
     single = Trainer(tiny["session"], adapter, train, cfg, tmp_path / "train", evaluation, tiny["inputs"])
