@@ -20,7 +20,9 @@ everything else is shared):
        fast ones fill the longer round, up to --max-directions): breadth of data against round length
   m    asynchronous rounds with client memory: every client works back to back, an update per --per-round
        reports, each update averaging every client's latest report within --max-staleness updates (weighted by
-       examples x 1/sqrt(1 + age)); mt: m with trend pacing (directions per job doubled when the loss stalls)
+       examples x 1/sqrt(1 + age)), step x sqrt(effective directions); m1: m at the base step (what --lr-scaling
+       auto now gives with stale reports); mt: m1 with trend pacing (directions per job doubled when the loss
+       stalls); f: asynchronous without memory (FedBuff), sqrt step
 
 With --budget S every run is given the same S simulated seconds (and --rounds as a cap), is evaluated at the
 first update at or after each of --eval-at, and the report gives the median and range over the seeds (times to
@@ -61,10 +63,11 @@ RUNS = {
     "e": ("(c) + unbiased sampling", {**SPEED, "sampling": "unbiased"}),
     "c0": ("(c) without down-weighting", {**SPEED, "downweight": 0.0}),
     "c3": ("(c) with at least 3 contributing clients", {**SPEED, "min_clients": 3}),
-    "m": ("asynchronous + client memory", {"mode": "async", "max_staleness": "auto"}),
-    "mt": ("(m) + trend pacing", {"mode": "async", "max_staleness": "auto", "pacing": "trend", "pacing_max": 4}),
-    "m1": ("(m) at the base step (no lr scaling)", {"mode": "async", "max_staleness": "auto", "lr_scaling": "none"}),
-    "f": ("asynchronous, no memory (FedBuff)", {"mode": "async", "max_staleness": "auto", "client_memory": False}),
+    "m": ("asynchronous + client memory, sqrt step", {"mode": "async", "max_staleness": "auto", "lr_scaling": "sqrt"}),
+    "mt": ("(m1) + trend pacing", {"mode": "async", "max_staleness": "auto", "pacing": "trend", "pacing_max": 4}),
+    "m1": ("(m) at the base step (auto)", {"mode": "async", "max_staleness": "auto", "lr_scaling": "none"}),
+    "f": ("asynchronous, no memory (FedBuff), sqrt step",
+          {"mode": "async", "max_staleness": "auto", "client_memory": False, "lr_scaling": "sqrt"}),
 }
 TRAIN_SETTINGS = ("lr_scaling",)  # RUNS settings that belong to TrainConfig
 
