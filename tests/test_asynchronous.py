@@ -9,8 +9,7 @@ from ggfwd.federation.allocation import TrendPacer
 from ggfwd.federation.asynchronous import AsyncFederation
 from ggfwd.federation.client import Client
 from ggfwd.federation.messages import Broadcast, MessageError, Snapshot, decode, encode
-from ggfwd.federation.simulate import FedConfig, traffic
-from ggfwd.profiles import load_profile
+from ggfwd.federation.simulate import traffic
 from ggfwd.trainer import Trainer
 from test_federation import PROFILE, config, federation, tiny  # noqa: F401  (the module's tiny model and helpers)
 
@@ -24,13 +23,8 @@ def far(tiny):  # noqa: F811
 
 
 def async_federation(tiny, rundir, cfg, devices, **fed):  # noqa: F811
-    f = FedConfig(**({"clients": len(devices), "clients_per_round": 2, "partition": "iid", "mode": "async",
-                      "max_staleness": 4} | fed))
-    train, evaluation, adapter = tiny["inputs"].load(tiny["session"], cfg.seed)
-    profiles = [load_profile(d, dirs=[tiny["profiles"]]) for d in devices]
-    rundir.mkdir(parents=True, exist_ok=True)
-    return AsyncFederation(tiny["session"], adapter, train, cfg, rundir, eval_data=evaluation, inputs=tiny["inputs"],
-                           fed=f, profiles=profiles, model_stats=tiny["stats"])
+    return federation(tiny, rundir, cfg, devices, kind=AsyncFederation,
+                      **({"mode": "async", "max_staleness": 4} | fed))
 
 
 def rounds(run):

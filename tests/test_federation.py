@@ -69,13 +69,13 @@ def config(**kw):
     return TrainConfig(**({"steps": 6, "batch_size": 8, "lr": 0.05, "eps": 0.1, "eval_every": 3} | kw))
 
 
-def federation(tiny, rundir, cfg, devices, **fed):
+def federation(tiny, rundir, cfg, devices, kind=Federation, **fed):
     f = FedConfig(**({"clients": len(devices), "clients_per_round": 2, "partition": "iid"} | fed))
     train, evaluation, adapter = tiny["inputs"].load(tiny["session"], cfg.seed)
     profiles = [load_profile(d, dirs=[tiny["profiles"]]) for d in devices]
     rundir.mkdir(parents=True, exist_ok=True)
-    return Federation(tiny["session"], adapter, train, cfg, rundir, eval_data=evaluation, inputs=tiny["inputs"],
-                      fed=f, profiles=profiles, model_stats=tiny["stats"])
+    return kind(tiny["session"], adapter, train, cfg, rundir, eval_data=evaluation, inputs=tiny["inputs"],
+                fed=f, profiles=profiles, model_stats=tiny["stats"])
 
 
 # ----------------------------------------------------------------------------- the shared step
