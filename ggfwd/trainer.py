@@ -14,7 +14,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,15 @@ class Trainer:
         self._consecutive_rejections = 0
         self.session.set_adapter(self.adapter)
         self.eval_plan = self.session.plan(self.eval_data) if self.eval_data is not None else None
+
+    def allow_stale(self, max_staleness: int, client_memory: bool) -> UpdateRule:
+        """The update rule of a federation whose reports may be up to `max_staleness` updates old (with the client
+        memory, or FedBuff's weights without); the server's replica follows it. Returns the rule (every client
+        replica follows it too)."""
+        rule = replace(self.config.update_rule(), max_staleness=max_staleness, client_memory=client_memory)
+        if rule != self.replica.rule:
+            self.replica = Replica(self.adapter.params, self.perturbations.index, rule)
+        return rule
 
     def setup(self) -> None:
         """The clients: here one, co-located with the server (it shares the server's replica)."""

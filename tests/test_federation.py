@@ -513,7 +513,7 @@ def test_a_node_keeps_its_replica_when_only_the_run_length_changes(tiny):
     and leaves every replica valid, so it keeps the key; any other setting, the inputs or the model give a new
     one (the node then asks for a snapshot)."""
     from ggfwd.federation.node import parse_run
-    from ggfwd.federation.remote import run_settings
+    from ggfwd.federation.handshake import run_settings
 
     key = lambda cfg, inputs=tiny["inputs"]: parse_run(run_settings(cfg, inputs))["key"]  # noqa: E731
     base = key(config())

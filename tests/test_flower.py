@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,67 @@ def test_eight_supernodes_reach_the_in_process_adapter_bitwise(tiny, tmp_path, c
     print(f"served {rounds} rounds with {n} nodes in {served_seconds:.0f} s")
 
 
+@pytest.mark.slow
+def test_asynchronous_updates_over_flower_keep_every_replica_equal(tiny, tmp_path, cluster):
+    """`--mode async`: 3 nodes work back to back, an update per 2 reports, so the third node's report arrives on
+    an older version and counts with its age (and stays in the client memory). Arrival order is the machines' own,
+    so no in-process reference exists; what must hold is that a replay of the run's history from the start
+    reaches the served adapter and the server's memory bitwise, and each node's kept replica equals the replay at
+    the version it holds."""
+    from ggfwd.federation.client import Client
+    from ggfwd.federation.history import History
+    from ggfwd.federation.messages import decode
+    from ggfwd.inputs import RunInputs
+    from ggfwd.session import SessionSettings
+    from ggfwd.trainer import TrainConfig
+
+    rounds, staleness = 6, 4
+    port = cluster.port()
+    out = tmp_path / "async"
+    serve = cluster.start("serve", *serve_args(tiny, out, port, rounds, "--clients-per-round", 2, "--min-nodes", 3,
+                                               "--deadline", 120, "--mode", "async", "--max-staleness", staleness,
+                                               "--insecure"))
+    for i in range(3):
+        join(cluster, tiny, i, port, tmp_path, "--insecure")
+    assert wait_for(serve, 600, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
+    got = [r for r in metrics(out) if r["step"] > 0]
+    assert len(got) == rounds and all(len(r["accepted"]) == 2 for r in got)
+    ages = [a["age"] for r in got for a in r["arrivals"].values()]
+    assert 1 <= max(ages) <= staleness, ages  # the node left out of update 0 reports on version 0 later
+    assert any(len(r["update_shares"]) == 3 for r in got)  # the memory keeps a node that did not report
+    assert all(age <= staleness for r in got for _, age in r["update_shares"].values())
+
+    cfg = TrainConfig(steps=rounds, batch_size=8, lr=0.02, eps=0.1, optimizer="adam", clip=5.0, seed=3)
+    inputs = RunInputs(model=str(tiny["model"]), data=str(tiny["train"]), task=str(tiny["task"]), rank=4,
+                       max_tokens=64)
+    kept_history = History(out)
+    kept_history.load(rounds)
+    history = [decode(m) for m in kept_history.since(0)]
+    assert len(history) == rounds
+    with SessionSettings(max_tokens=64, threads=1).open(inputs.model) as session:
+        train, _, adapter = inputs.load(session, cfg.seed)
+        perturbations = cfg.perturbations(adapter)
+        rule = replace(cfg.update_rule(), max_staleness=staleness)
+        replay = Client(99, train, cfg.estimator(session, perturbations), cfg.seed, rule, cfg.clip,
+                        start=adapter.params)
+        kept = {}
+        for i in range(3):
+            with np.load(tmp_path / f"node{i}" / "replica.npz", allow_pickle=False) as z:
+                kept[i] = {k: z[k] for k in z.files if k not in ("run", "client")}
+        for version in range(rounds + 1):
+            for i, arrays in kept.items():
+                if int(arrays["version"]) == version:
+                    state = replay.replica.state_dict()
+                    assert set(state) == set(arrays) and all(np.array_equal(state[k], arrays[k]) for k in arrays), i
+            if version < rounds:
+                replay.sync([history[version]])
+    assert np.array_equal(replay.replica.theta, LoraAdapter.load(out / "adapter.gguf").params)
+    with np.load(sorted((out / "checkpoint").glob("state-*.npz"))[-1], allow_pickle=False) as z:
+        server = {k: z[k] for k in z.files if k.startswith("memory.")}
+    state = replay.replica.state_dict()
+    assert server and all(np.array_equal(state[k], v) for k, v in server.items())
+
+
 # ----------------------------------------------------------------------------- faults
 @pytest.mark.slow
 def test_a_node_killed_mid_round_and_a_server_restart(tiny, tmp_path, cluster):
@@ -296,13 +358,19 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(tiny, tmp_path,
     serve = cluster.start("serve", *serve_args(tiny, out, port, 2, "--clients-per-round", 1, "--min-nodes", 1,
                                                "--deadline", 120, "--certs", certs, "--node-keys", keys))
     tls = ("--ca", certs / "ca.pem")
-    join(cluster, tiny, 0, port, tmp_path, *tls, "--key", certs / "node-0.key")
+    link_log = out / "flower" / "superlink.log"
     join(cluster, tiny, 1, port, tmp_path, *tls, "--key", certs / "node-1.key")
+    end = time.monotonic() + 180  # the unregistered node first: the run cannot end before it was refused
+    while "No SuperNode found with the given public key" not in \
+            (link_log.read_text(errors="replace") if link_log.exists() else ""):
+        assert time.monotonic() < end and serve.poll() is None, cluster.log("serve")[-3000:]
+        time.sleep(0.5)
+    join(cluster, tiny, 0, port, tmp_path, *tls, "--key", certs / "node-0.key")
     assert wait_for(serve, 400, "ggfwd serve", cluster, "serve") == 0, cluster.log("serve")[-3000:]
     rounds = [r for r in metrics(out) if r["step"] > 0]
     assert all(r["nodes"] == 1 and r["accepted"] == [0] for r in rounds), rounds
     assert (out / "server.log").read_text().count("joined as client") == 1
-    link = (out / "flower" / "superlink.log").read_text(errors="replace")
+    link = link_log.read_text(errors="replace")
     assert "No SuperNode found with the given public key" in link  # node 1 was refused by the SuperLink
     assert "Fleet API only on https://" in link  # TLS
 
@@ -495,6 +563,8 @@ def test_the_node_worker_refuses_a_wrong_secret_and_an_oversized_frame(tiny, tmp
     (["serve", "--rounds", "2"], "--certs DIR"),
     (["serve", "--insecure", "--node-keys", "."], "needs TLS"),
     (["serve", "--insecure", "--clients", "2", "--clients-per-round", "3"], "--clients-per-round"),
+    (["serve", "--insecure", "--mode", "later"], "--mode"),
+    (["serve", "--insecure", "--mode", "async"], "--max-staleness"),
     (["join", "--server", "nohost", "--data", "x", "--profile", "pi5", "--insecure"], "HOST:PORT"),
     (["join", "--server", "127.0.0.1:1", "--data", "x", "--profile", "pi5"], "--ca"),
     (["join", "--server", "127.0.0.1:1", "--data", "missing.jsonl", "--profile", "nosuch", "--insecure"], "nosuch"),
@@ -552,7 +622,7 @@ def test_a_node_asks_for_the_adapter_when_it_cannot_reach_the_version(tiny, tmp_
     from ggfwd.federation.client import snapshot_of
     from ggfwd.federation.messages import Broadcast, Instruction, MessageError, Report, decode, encode
     from ggfwd.federation.node import Node, NodeSettings
-    from ggfwd.federation.remote import parse_hello, run_settings
+    from ggfwd.federation.handshake import parse_hello, run_settings
     from ggfwd.inputs import RunInputs
     from ggfwd.perturbation import Perturbations
     from ggfwd.session import SessionSettings

@@ -185,7 +185,10 @@ def serve_command(
     clients_per_round: int = typer.Option(4, "--clients-per-round", help="Nodes instructed per round (among those connected)."),
     min_nodes: Optional[int] = typer.Option(None, "--min-nodes", help="Nodes to wait for before the first round \\[default: --clients-per-round]."),
     wait: float = typer.Option(600.0, "--wait", help="Seconds to wait for --min-nodes nodes."),
-    deadline: float = typer.Option(300.0, "--deadline", help="Seconds a round waits for reports; later ones are discarded."),
+    deadline: float = typer.Option(300.0, "--deadline", help="Seconds a round waits for reports (with --mode async: a job's reply, and an update); later ones are discarded."),
+    mode: str = typer.Option("sync", "--mode", help="sync: rounds of selected nodes; async: every node works back to back, an update per --clients-per-round reports (needs --max-staleness)."),
+    max_staleness: int = typer.Option(0, "--max-staleness", help="Reports count while at most this many updates old, and with client memory every update reuses each node's latest report that long (0: off)."),
+    client_memory: bool = typer.Option(True, "--client-memory/--no-client-memory", help="With --max-staleness: keep every node's latest report for later updates (MIFA), or count each report once at its staleness weight (FedBuff)."),
     max_lag: int = typer.Option(1000, "--max-lag", help="Most rounds a node (or a joiner) replays from the run's history of broadcasts; further behind, or when the history is larger, it gets the trained values."),
     weighting: str = typer.Option("examples", "--weighting", help="Nodes' weights in a round's update: examples (by the training-set size a node reports, capped at 4x the round's median), equal, or directions."),
     clip: Optional[float] = typer.Option(None, "--clip", help="Limit scalars to CLIP x the median client's median |s| (0: off) \\[default: 0; 5 in the demo]."),
@@ -217,7 +220,8 @@ def serve_command(
     resume: bool = flag("--resume", help="Continue the run in --out from its last checkpoint."),
 ):
     from ..federation.handshake import run_settings
-    from ..federation.remote import RemoteConfig, SERVE_FILE
+    from ..federation.coordinator import SERVE_FILE
+    from ..federation.remote import RemoteConfig
     from ..federation.simulate import SAVED_BEFORE
     from ..run import inputs_given as given_inputs, plan_run
     from .federate import DEMO
@@ -244,9 +248,11 @@ def serve_command(
     files = _certs_files(certs) if certs is not None else None
     if not 0 < port < 65536:
         raise UserError(f"--port must lie in 1..65535, got {port}")
+    fresh = RemoteConfig(clients, clients_per_round, deadline, max_lag,
+                         min_nodes if min_nodes is not None else min(clients_per_round, clients), wait, weighting,
+                         mode, max_staleness, client_memory)
     if not resume:  # checked before the model is looked for
-        RemoteConfig(clients, clients_per_round, deadline, max_lag,
-                     min_nodes if min_nodes is not None else min(clients_per_round, clients), wait, weighting).check()
+        fresh.check()
     run = plan_run("serve", given, inputs_given, out, resume, DEMO)
     config, inputs = run.config, run.inputs
     inputs.data, inputs.train_limit = None, None  # the nodes hold the training data
@@ -255,9 +261,7 @@ def serve_command(
         if min_nodes is not None:
             remote.min_nodes = min_nodes
     else:
-        remote = RemoteConfig(clients, clients_per_round, deadline, max_lag,
-                              min_nodes if min_nodes is not None else min(clients_per_round, clients), wait,
-                              weighting)
+        remote = fresh
     remote.check()
     _need_flower()
     out = run.out.resolve()  # Flower's processes run in other folders
@@ -271,7 +275,7 @@ def serve_command(
     spec = {"config": asdict(config), "inputs": inputs.to_dict(), "remote": asdict(remote), "threads": threads,
             "resume": run.state is not None}
     atomic_write(out / SERVE_FILE, lambda f: f.write(json.dumps(spec, indent=1).encode()))
-    settings = run_settings(config, inputs)
+    settings = run_settings(config, inputs, remote.stale())
     overrides = f"run-dir = {json.dumps(str(out.resolve()))}\nggfwd-run = {json.dumps(settings)}\n"
     atomic_write(home / "run-config.toml", lambda f: f.write(overrides.encode()))
     (out / "server-error.txt").unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """The Flower ServerApp and ClientApp of `ggfwd serve` / `ggfwd join` (with `launch`, the only modules that import
 flwr).
 
-Both are thin: the ServerApp runs `remote.run_server` with a transport over Flower's Grid, the ClientApp hands
+Both are thin: the ServerApp runs `coordinator.run_server` with a transport over Flower's Grid, the ClientApp hands
 each message to the node's warm worker (`worker.call`: a loopback connection authenticated with the node's
 secret) and returns its reply. The ClientApp imports neither llama_cpp nor ggfwd's training code: Flower starts
 a fresh process for every message (forked from a pre-imported zygote, see `launch`), and this one only forwards.
@@ -87,39 +87,49 @@ class FlowerTransport:
     def nodes(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
-    def exchange(self, kind: str, requests: dict, timeout: float):
-        from .remote import Reply
-
+    def send(self, kind: str, requests: dict) -> tuple[dict, dict]:
+        """Push `{node: [bytes, ...]}` as messages of `kind`; returns ({node: message id}, {node: bytes sent})."""
         if not requests:
             return {}, {}
-        end = time.monotonic() + max(0.1, timeout)
         mtype = MessageType.QUERY if kind == "hello" else MessageType.TRAIN
-        messages = {node: Message(content=_content(kind, data), dst_node_id=node, message_type=mtype)
-                    for node, data in requests.items()}
-        sent = {node: wire_bytes(m) for node, m in messages.items()}
-        pushed_at = time.time()
-        waiting = set(self.grid.push_messages(list(messages.values())))
-        got, arrived = [], {}
-        while waiting:
-            pulled = list(self.grid.pull_messages(list(waiting)))
-            got += pulled
-            arrived.update({int(m.metadata.src_node_id): time.time() for m in pulled})
-            waiting -= {m.metadata.reply_to_message_id for m in pulled}
-            if not waiting or time.monotonic() >= end:
+        nodes = list(requests)
+        messages = [Message(content=_content(kind, requests[n]), dst_node_id=n, message_type=mtype) for n in nodes]
+        sent = {n: wire_bytes(m) for n, m in zip(nodes, messages)}
+        return dict(zip(nodes, self.grid.push_messages(messages))), sent
+
+    def collect(self, handles: dict, timeout: float) -> dict:
+        """The replies to the messages `handles` ({node: message id}) that are in: pulled every `PULL_EVERY`
+        seconds until at least one is, or `timeout` seconds passed. Returns {node: Reply}."""
+        from .remote import Reply
+
+        end = time.monotonic() + max(0.0, timeout)
+        node_of = {h: n for n, h in handles.items()}
+        while True:
+            pulled = [m for m in self.grid.pull_messages(list(node_of)) if m.metadata.reply_to_message_id in node_of]
+            if pulled or time.monotonic() >= end:
                 break
             time.sleep(min(PULL_EVERY, max(0.0, end - time.monotonic())))
         replies = {}
-        for reply in got:
-            node = int(reply.metadata.src_node_id)
-            if node not in requests:
-                continue
+        for reply in pulled:
+            node = node_of[reply.metadata.reply_to_message_id]
             try:
                 kind_, data, text = _unpack(reply, REPLY_KINDS, MAX_REPLY)
             except MessageError as exc:
                 kind_, data, text = "error", [], str(exc)
             replies[node] = Reply(kind_, data, wire_bytes(reply) if not reply.has_error() else 0, text)
-        if self.timing is not None:
-            _append(self.timing, {"kind": kind, "push": pushed_at, "replies": {str(n): t for n, t in arrived.items()}})
+        return replies
+
+    def exchange(self, kind: str, requests: dict, timeout: float):
+        """Send, then wait up to `timeout` seconds for every reply: ({node: Reply} in time, {node: bytes sent})."""
+        end, pushed_at = time.monotonic() + max(0.1, timeout), time.time()
+        handles, sent = self.send(kind, requests)
+        replies, arrived = {}, {}
+        while len(replies) < len(handles) and time.monotonic() < end:
+            got = self.collect({n: h for n, h in handles.items() if n not in replies}, end - time.monotonic())
+            replies.update(got)
+            arrived.update({str(n): time.time() for n in got})
+        if self.timing is not None and handles:
+            _append(self.timing, {"kind": kind, "push": pushed_at, "replies": arrived})
         return replies, sent
 
 
@@ -131,7 +141,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     from .launch import short_object_backoff
-    from .remote import run_server
+    from .coordinator import run_server
 
     short_object_backoff()  # replies are pulled as soon as they are in (see launch.py)
     rundir = str(context.run_config["run-dir"])

@@ -3,7 +3,8 @@ node answers to a hello. Both halves of each exchange live here, side by side, a
 (`remote`) and a node (`node`) both import this module instead of each other.
 
 - `run_settings` (server) -> `parse_run` (node): the training settings, the model-side inputs (never the server's
-  file paths) and the model's fingerprint, as bounded JSON; the node checks them like a command line's.
+  file paths), the model's fingerprint and the staleness rule every replica follows (`stale`), as bounded JSON;
+  the node checks them like a command line's.
 - `hello_reply` (node) -> `parse_hello` (server): the client id and adapter version the node holds, its device
   profile and its number of training examples, as at most `MAX_HELLO` bytes of JSON.
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..clientmemory import MAX_STALENESS
 from ..inputs import RunInputs
 from ..trainer import TrainConfig
 from .messages import MessageError
@@ -37,11 +39,16 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return f"{size}:{h.hexdigest()[:32]}"
 
 
-def run_settings(config, inputs) -> str:
+NO_STALENESS = {"max_staleness": 0, "client_memory": True}  # the staleness rule of runs that predate it
+
+
+def run_settings(config, inputs, stale: dict | None = None) -> str:
     """What every node needs to take part, as JSON: the training settings, the model-side inputs (not the
-    server's file paths) and the model's fingerprint (a node with another model refuses to train)."""
+    server's file paths), the model's fingerprint (a node with another model refuses to train) and `stale`, the
+    update rule's staleness settings (`UpdateRule.max_staleness`, `.client_memory`; every replica needs them)."""
     return json.dumps({"config": asdict(config), "inputs": {k: getattr(inputs, k) for k in RUN_INPUTS},
-                       "model": model_fingerprint(inputs.model)}, sort_keys=True, separators=(",", ":"))
+                       "model": model_fingerprint(inputs.model), "stale": {**NO_STALENESS, **(stale or {})}},
+                      sort_keys=True, separators=(",", ":"))
 
 
 def parse_run(text) -> dict:
@@ -53,7 +60,12 @@ def parse_run(text) -> dict:
         config = TrainConfig.from_dict(run["config"])
         inputs = RunInputs(model="", data="", **{k: run["inputs"][k] for k in RUN_INPUTS})
         fingerprint = str(run["model"])
-    except (ValueError, KeyError, TypeError) as exc:
+        stale = run.get("stale", NO_STALENESS)
+        if not isinstance(stale, dict) or set(stale) != set(NO_STALENESS) \
+                or not isinstance(stale["client_memory"], bool) or isinstance(stale["max_staleness"], bool) \
+                or not isinstance(stale["max_staleness"], int) or not 0 <= stale["max_staleness"] <= MAX_STALENESS:
+            raise ValueError(f"'stale' is not max_staleness in [0, {MAX_STALENESS}] and client_memory")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MessageError(f"run settings are malformed: {exc}") from None
     config.check()
     # The key names the run a kept replica belongs to. It leaves out the step count, the one setting a resumed
@@ -61,7 +73,8 @@ def parse_run(text) -> dict:
     # catches up from broadcasts) when the server resumes with more --rounds.
     identity = {**run, "config": {k: v for k, v in run["config"].items() if k != "steps"}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
-    return {"config": config, "inputs": inputs, "model": fingerprint, "key": key}
+    return {"config": config, "inputs": inputs, "model": fingerprint, "key": key,
+            "rule": replace(config.update_rule(), **stale)}
 
 
 def hello_reply(client: int | None, version: int | None, profile: str, examples: int) -> bytes:

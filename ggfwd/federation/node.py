@@ -84,8 +84,8 @@ class NodeSettings:
 class _Warm:
     """What a node keeps open for one run: session, data, start adapter, estimator, and its replica."""
 
-    def __init__(self, key: str, stack: ExitStack, config, train, adapter, perturbations, estimator):
-        self.key, self.stack, self.config = key, stack, config
+    def __init__(self, key: str, stack: ExitStack, config, rule, train, adapter, perturbations, estimator):
+        self.key, self.stack, self.config, self.rule = key, stack, config, rule  # rule: the run's update rule
         self.train, self.adapter, self.perturbations, self.estimator = train, adapter, perturbations, estimator
         self.client: int | None = None  # the client id `replica` belongs to
         self.replica = None  # the replica as last written to replica.npz (None: read it from there)
@@ -129,7 +129,7 @@ class Node:
         except BaseException:
             stack.close()
             raise
-        self.warm = _Warm(run["key"], stack, c, train, adapter, perturbations, estimator)
+        self.warm = _Warm(run["key"], stack, c, run["rule"], train, adapter, perturbations, estimator)
         return self.warm
 
     # ----------------------------------------------------------------- state between messages
@@ -186,10 +186,10 @@ class Node:
             replica = None
             held_client, arrays = self._held(run["key"])
             if arrays is not None and held_client == instruction.client:
-                replica = Replica(w.adapter.params, w.perturbations.index, c.update_rule())
+                replica = Replica(w.adapter.params, w.perturbations.index, w.rule)
                 replica.load_state_dict(arrays)
         w.replica = w.client = None  # until the replica on disk is this one again
-        client = Client(instruction.client, w.train, w.estimator, c.seed, c.update_rule(), c.clip, replica=replica,
+        client = Client(instruction.client, w.train, w.estimator, c.seed, w.rule, c.clip, replica=replica,
                         start=w.adapter.params)
         client.track = instruction.candidates > 0
         client.check_start(instruction)

@@ -12,16 +12,21 @@ vanishes frees its id; a node whose reply misses the round's deadline is left ou
 discarded), and the round closes at the deadline. A node that cannot reach the instructed adapter version
 answers `need`; it is sent the adapter (a Snapshot) and the instruction again within the same deadline.
 
-The transport (`flower_app.FlowerTransport`; tests may use any other) has two methods:
+With `mode` "async" the round is replaced by asynchronous updates (remote_async.py): every node works back to back
+and an update is applied per `clients_per_round` reports, stale ones weighted down, with the client memory.
+
+The transport (`flower_app.FlowerTransport`; tests may use any other) has these methods:
 - `nodes()`: the connected node ids;
 - `exchange(kind, requests, timeout)`: send `{node: [bytes, ...]}` as messages of `kind` ("hello" or "train"),
   wait up to `timeout` seconds, return (`{node: Reply}` for the nodes that answered in time, `{node: bytes
-  sent}` as the transport measured them).
+  sent}` as the transport measured them);
+- `send(kind, requests)` -> ({node: handle}, {node: bytes sent}) and `collect(handles, timeout)` -> {node: Reply}
+  (the replies in, as soon as there is at least one or at the timeout): the two halves of `exchange`, used by
+  asynchronous updates.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,16 +34,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..clientmemory import MAX_STALENESS
 from ..errors import UserError
 from ..estimator import WEIGHTINGS
-from ..inputs import RunInputs
-from ..run import RunPlan
-from ..trainer import TrainConfig, Trainer
-from .handshake import parse_hello, run_settings  # noqa: F401  (run_settings re-exported for the tests)
+from ..trainer import Trainer
+from .handshake import parse_hello
 from .history import History
 from .messages import MessageError, Snapshot, decode, start_digest
 from .server import Server
-from .simulate import SAVED_BEFORE
+from .simulate import MODES
 
 REPLY_KINDS = ("hello", "report", "need", "error")
 
@@ -52,6 +56,9 @@ class RemoteConfig:
     min_nodes: int = 1  # nodes to wait for before the first round
     wait: float = 600.0  # seconds to wait for them
     weighting: str = "examples"  # clients' weights in an update (estimator.client_weights)
+    mode: str = "sync"  # sync: rounds of selected nodes | async: nodes work back to back (remote_async.py)
+    max_staleness: int = 0  # > 0: reports (and memory entries) count while at most this many updates old
+    client_memory: bool = True  # with max_staleness: every update reuses each client's latest report
 
     def check(self) -> None:
         if self.clients < 1:
@@ -68,6 +75,16 @@ class RemoteConfig:
             raise UserError(f"--min-nodes must lie in [1, {self.clients}], got {self.min_nodes}")
         if not self.wait >= 0:
             raise UserError(f"--wait must be >= 0 seconds, got {self.wait}")
+        if self.mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if not 0 <= self.max_staleness <= MAX_STALENESS:
+            raise UserError(f"--max-staleness must lie in [0, {MAX_STALENESS}], got {self.max_staleness}")
+        if self.mode == "async" and self.max_staleness < 1:
+            raise UserError("--mode async needs --max-staleness >= 1 (how many updates old a report may be)")
+
+    def stale(self) -> dict:
+        """The update rule's staleness settings, which every replica (server and nodes) follows."""
+        return {"max_staleness": self.max_staleness, "client_memory": self.client_memory}
 
 
 @dataclass
@@ -98,9 +115,10 @@ class RemoteFederation(Trainer):
         super().__init__(session, adapter, [None], config, rundir, eval_data, inputs)
 
     def setup(self) -> None:
-        c = self.config
-        self.server = Server(self.replica, self.perturbations, c.clip, self.remote.max_lag, self.remote.weighting,
-                             {}, History(self.rundir))
+        c, r = self.config, self.remote
+        self.allow_stale(r.max_staleness, r.client_memory)
+        self.server = Server(self.replica, self.perturbations, c.clip, r.max_lag, r.weighting, {},
+                             History(self.rundir), asynchronous=r.mode == "async")
         self.start_digest = start_digest(self.adapter.params)
         self.members: dict[int, Member] = {}  # node id -> member
         self.refused_nodes: dict[int, str] = {}
@@ -175,7 +193,7 @@ class RemoteFederation(Trainer):
         return selected
 
     def train_step(self) -> dict:
-        c, k, r = self.config, self.counters, self.counters.step
+        c, r = self.config, self.counters.step
         wall = time.perf_counter()
         end = time.monotonic() + self.remote.deadline
         self.admit()
@@ -237,8 +255,6 @@ class RemoteFederation(Trainer):
             scalars[str(client)] = [float(x) for x in report.scalars]
         self.server.examples = {m.client: m.examples for m in self.members.values()}  # for --weighting examples
         _, agg, reason = self.server.close_round(r, accepted)
-        k.bytes_up += up
-        k.bytes_down += sum(down.values())
         record = {"step": r + 1, "nodes": len(self.members), "selected": selected,
                   "accepted": [cs[0] for cs in accepted], "scalars": scalars,
                   "lr": self.replica.optimizer.lr_at(r) * self.replica.rule.lr_scale(agg.effective),
@@ -247,6 +263,14 @@ class RemoteFederation(Trainer):
                   "wire_up": {str(i): v for i, v in wire_up.items()},
                   "wire_down": {str(i): v for i, v in wire_down.items()},
                   "round_seconds": round(time.perf_counter() - wall, 4), "clipped": agg.clipped}
+        return self.close_update(record, lost, refused, losses, reason, passes, tokens, wall)
+
+    def close_update(self, record, lost, refused, losses, reason, passes, tokens, wall) -> dict:
+        """Count the update's bytes (`record`'s bytes_up and bytes_down), add what was lost, refused and the mean
+        training loss to its record, and close the step."""
+        k = self.counters
+        k.bytes_up += record["bytes_up"]
+        k.bytes_down += record["bytes_down"]
         if lost:
             record["lost"] = lost
         if refused:
@@ -267,54 +291,3 @@ class RemoteFederation(Trainer):
         step = super().resume()  # nodes are greeted again and catch up from the history kept in the run folder
         self.server.history.load(step)
         return step
-
-
-# ----------------------------------------------------------------------------- the ServerApp's body
-SERVE_FILE = "serve.json"  # written by `ggfwd serve` into the run folder: config, inputs, remote, threads, resume
-ERROR_FILE = "server-error.txt"
-LOG_FILE = "server.log"
-
-
-def run_server(rundir, transport) -> None:
-    """Run (or resume) the federation described by RUNDIR/serve.json over `transport`. A mistake is written to
-    RUNDIR/server-error.txt as one line (for `ggfwd serve` to show) and raised."""
-    from pathlib import Path
-
-    from ..files import atomic_write
-
-    rundir = Path(rundir)
-
-    def log(line: str) -> None:
-        with open(rundir / LOG_FILE, "a", encoding="utf-8") as f:
-            f.write(time.strftime("%H:%M:%S ") + line + "\n")
-
-    try:
-        _serve(rundir, transport, log)
-    except (UserError, MessageError, OSError, ValueError) as exc:
-        line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        atomic_write(rundir / ERROR_FILE, lambda f: f.write(line.encode()))
-        log(f"error: {line}")
-        raise
-
-
-def _serve(rundir, transport, log) -> None:
-    spec = json.loads((rundir / SERVE_FILE).read_text(encoding="utf-8"))
-    config = TrainConfig.from_dict(spec["config"])
-    inputs = RunInputs.from_dict(spec["inputs"])
-    remote = RemoteConfig(**{**SAVED_BEFORE, **spec["remote"]})
-    with inputs.session_settings(spec.get("threads")).open(inputs.model) as session:
-        _, evaluation, adapter = RunPlan("serve", config, inputs, rundir).load(session)  # the nodes hold the data
-        fed = RemoteFederation(session, adapter, config, rundir, evaluation, inputs, remote=remote,
-                               transport=transport, log=log)
-        if spec.get("resume"):
-            log(f"resuming at round {fed.resume()}")
-        log(f"waiting for {remote.min_nodes} node(s)")
-        fed.wait_for_nodes()
-
-        def on_step(record):
-            acc = record.get("eval_accuracy")
-            log(f"round {record['step']}: accepted {record.get('accepted', [])}, lost {record.get('lost', [])}"
-                + ("" if acc is None else f", eval accuracy {acc:.4f}"))
-
-        fed.run(on_step=on_step)
-        log(f"done: {fed.counters.step} rounds")

@@ -141,6 +141,10 @@ class Server:
         total = sum(w.values()) or 1.0
         return {str(c): [round(v / total, 4), ages[c]] for c, v in sorted(w.items())}
 
+    def forget(self, client: int) -> None:
+        """Drop `client`'s open instruction (its job was lost): a report answering it is refused."""
+        self._expected.pop(client, None)
+
     def open_jobs(self) -> dict[int, bytes]:
         """The instructions not answered yet, encoded, by client (an asynchronous run checkpoints them)."""
         return {c: encode(ins) for c, ins in sorted(self._expected.items())}

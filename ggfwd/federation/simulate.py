@@ -21,7 +21,7 @@ Rules (documented in docs/federation.md):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from ..errors import UserError
 from ..estimator import WEIGHTINGS, passes_per_step
 from ..trainer import Trainer
 from ..clientmemory import MAX_STALENESS
-from ..update import Replica
 from .allocation import ALLOCATIONS, PACINGS, Cost, MissWeights, TrendPacer, VariancePacer, allocate
 from .client import Client, NeedsAdapter
 from .clock import client_time, round_time
@@ -181,9 +180,7 @@ class Federation(Trainer):
         c, f = self.config, self.fed
         labels = getattr(self.train_data, "labels", None)
         self.parts = partition(f.partition, labels, len(self.train_data), f.clients, c.seed)
-        rule = self.rule = replace(c.update_rule(), max_staleness=f.max_staleness, client_memory=f.client_memory)
-        if f.max_staleness:  # every replica keeps the staleness limit (and the client memory)
-            self.replica = Replica(self.adapter.params, self.perturbations.index, rule)
+        rule = self.rule = self.allow_stale(f.max_staleness, f.client_memory)
         # The clients take turns on the one loaded model, so they can share the estimator's buffers; their data,
         # replicas and seeds stay their own.
         self.clients = [Client(i, self.train_data.subset(part), self.estimator, c.seed, rule, c.clip,
