@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from clirun import run_cli
 from ggfwd.federation import messages as msg
 from ggfwd.federation.client import Client
-from ggfwd.federation.messages import Broadcast, Instruction, MessageError, Report, Snapshot, decode, encode
+from ggfwd.federation.messages import (Broadcast, Instruction, MessageError, Report, Snapshot, decode, encode,
+                                      snapshot_sizes)
 from ggfwd.federation.partition import label_skew, partition
 from ggfwd.federation.simulate import FedConfig, Federation
 from ggfwd.inputs import RunInputs
@@ -268,6 +269,7 @@ def test_messages_round_trip_and_their_sizes_are_the_counted_bytes(tiny, tmp_pat
     snap = Snapshot(2, rng.normal(size=100).astype(np.float32), {"m": np.ones(40, np.float32)}, 2)
     got = decode(encode(snap))
     assert np.array_equal(got.theta, snap.theta) and np.array_equal(got.state["m"], snap.state["m"]) and got.steps == 2
+    assert snapshot_sizes([bcast, encode(snap), encode(ins)]) == [len(encode(snap))]  # a server's snapshot count
     # a federation's counted bytes are the lengths of the messages it sent
     cfg = config(steps=2)
     fed = federation(tiny, tmp_path / "run", cfg, ["fast"] * 3, clients_per_round=3)

@@ -223,6 +223,12 @@ def encode(record) -> bytes:
     return frame + head + body
 
 
+def snapshot_sizes(records: list[bytes]) -> list[int]:
+    """The sizes of the snapshots among `records` this process encoded (read from the frame alone: for counting
+    what a server sends, not for checking what it receives)."""
+    return [len(b) for b in records if len(b) >= _FRAME.size and _FRAME.unpack_from(b)[2] == Snapshot.KIND]
+
+
 def decode(data: bytes, expect=None):
     """The record in `data`, or MessageError. `expect`: a record class (or tuple of them) to require."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -40,7 +40,7 @@ from ..estimator import WEIGHTINGS
 from ..trainer import Trainer
 from .handshake import parse_hello
 from .history import History
-from .messages import MessageError, Snapshot, decode, start_digest
+from .messages import MessageError, decode, snapshot_sizes, start_digest
 from .server import Server
 from .simulate import MODES
 
@@ -230,7 +230,7 @@ class RemoteFederation(Trainer):
         for client in selected:
             node = node_of[client]
             down[client] = sum(map(len, requests[node]))
-            snaps = [len(m) for m in requests[node] if isinstance(decode(m), Snapshot)]
+            snaps = snapshot_sizes(requests[node])
             snapshots += len(snaps)
             snap_bytes += sum(snaps)
             wire_down[client] = sent.get(node, 0)

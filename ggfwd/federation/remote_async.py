@@ -23,8 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-
-from .messages import MessageError, Snapshot, decode
+from .messages import MessageError, decode, snapshot_sizes
 from .remote import RemoteFederation
 
 
@@ -65,7 +64,7 @@ class RemoteAsyncFederation(RemoteFederation):
         for node, handle in handles.items():
             client = self.members[node].client
             self.jobs[node] = Job(handle, client, r, now)
-            snaps = [len(b) for b in requests[node] if isinstance(decode(b), Snapshot)]
+            snaps = snapshot_sizes(requests[node])
             events["snapshots"] += len(snaps)
             events["snapshot_bytes"] += sum(snaps)
             events["bytes_down"] += sum(map(len, requests[node]))
@@ -129,7 +128,8 @@ class RemoteAsyncFederation(RemoteFederation):
                 tokens += report.tokens
             now = time.monotonic()
             for node, job in list(self.jobs.items()):
-                if node not in self.pending and now - job.sent >= self.remote.deadline:  # lost; the version we believe it holds stays
+                if node not in self.pending and now - job.sent >= self.remote.deadline:
+                    # lost; the version we believe it holds stays
                     del self.jobs[node]
                     self.server.forget(job.client)
                     lost.append(job.client)
